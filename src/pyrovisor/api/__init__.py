@@ -1,0 +1,1 @@
+"""User-facing layers: the command line and the HTTP control API."""

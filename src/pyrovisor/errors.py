@@ -1,0 +1,100 @@
+"""The exception hierarchy of pyrovisor: one base, shallow subclasses, structured fields."""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import os
+
+
+class PyrovisorError(Exception):
+    """Base of every error pyrovisor raises on purpose; `str()` is a one-line message for users."""
+
+
+class KvmError(PyrovisorError):
+    """An ioctl on /dev/kvm, a VM or a vCPU failed."""
+
+    def __init__(self, ioctl: str, errno: int, detail: str = "") -> None:
+        self.ioctl = ioctl
+        self.errno = errno
+        self.detail = detail
+        reason = os.strerror(errno) if errno else "failed"
+        name = errno_codes.errorcode.get(errno, str(errno))
+        suffix = f": {detail}" if detail else ""
+        super().__init__(f"{ioctl} failed with {name} ({reason}){suffix}")
+
+
+class KvmUnavailableError(PyrovisorError):
+    """/dev/kvm is missing or not accessible; the message says how to fix it."""
+
+    def __init__(self, path: str, reason: str, hint: str) -> None:
+        self.path = path
+        self.reason = reason
+        self.hint = hint
+        super().__init__(f"cannot use {path}: {reason}. {hint}")
+
+
+class ConfigError(PyrovisorError):
+    """A configuration value (CLI flag, API field, manifest entry) is malformed or out of range."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid {field} {value!r}: {reason}")
+
+
+class GuestMemoryError(PyrovisorError):
+    """An access to guest physical memory fell outside the guest's RAM."""
+
+    def __init__(self, gpa: int, size: int, reason: str) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.reason = reason
+        super().__init__(f"guest memory access at {gpa:#x} (+{size:#x}): {reason}")
+
+
+class LoaderError(PyrovisorError):
+    """A guest image cannot be loaded (missing, not ELF, wrong machine, does not fit)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot load {path}: {reason}")
+
+
+class DeviceError(PyrovisorError):
+    """A device was configured wrongly or given inconsistent state (never raised for guest accesses)."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        self.device = device
+        self.reason = reason
+        super().__init__(f"{device}: {reason}")
+
+
+class GuestError(PyrovisorError):
+    """The guest stopped in a way that is not a clean exit (triple fault, failed entry, emulation error)."""
+
+    def __init__(self, vcpu: int, reason: str, detail: str = "") -> None:
+        self.vcpu = vcpu
+        self.reason = reason
+        self.detail = detail
+        suffix = f" ({detail})" if detail else ""
+        super().__init__(f"vCPU {vcpu}: {reason}{suffix}")
+
+
+class StateError(PyrovisorError):
+    """Saved machine state (a snapshot file, a migration stream) is corrupt, truncated or incompatible."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")
+
+
+class MigrationError(PyrovisorError):
+    """A live migration failed; the source keeps running."""
+
+    def __init__(self, phase: str, reason: str) -> None:
+        self.phase = phase
+        self.reason = reason
+        super().__init__(f"migration failed during {phase}: {reason}")
