@@ -1,0 +1,13 @@
+/* Output on the 16550 serial console. */
+#ifndef PYROVISOR_CONSOLE_H
+#define PYROVISOR_CONSOLE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define CONSOLE_PORT 0x3F8
+
+void console_write(const char *text, size_t length);
+void console_putc(char c);
+
+#endif

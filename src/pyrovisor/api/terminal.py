@@ -1,0 +1,109 @@
+"""Keyboard to the guest's UART: raw terminal mode with a Ctrl-A x escape, or a pipe read to its end."""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+ESCAPE = 0x01  # Ctrl-A, then 'x' quits (as in QEMU)
+QUIT = ord("x")
+POLL_SECONDS = 0.1
+
+
+class TerminalInput:
+    """Feeds stdin to `feed` on a background thread while the context is active."""
+
+    def __init__(self, feed: Callable[[bytes], None], on_quit: Callable[[], None]) -> None:
+        self._feed = feed
+        self._on_quit = on_quit
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._saved_mode: list[Any] | None = None
+        self._fd = _stdin_fd()
+        self._escape_pending = False
+
+    def __enter__(self) -> TerminalInput:
+        if self._fd is None:
+            return self
+        if os.isatty(self._fd):
+            self._saved_mode = termios.tcgetattr(self._fd)
+            tty.setraw(self._fd)
+        self._thread = threading.Thread(target=self._pump, name="stdin", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+        if self._fd is not None and self._saved_mode is not None:
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved_mode)
+
+    def _pump(self) -> None:
+        assert self._fd is not None
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._fd], [], [], POLL_SECONDS)
+            if not ready:
+                continue
+            try:
+                data = os.read(self._fd, 256)
+            except OSError:
+                return
+            if not data:
+                return
+            self._feed(self._filter(data))
+
+    def _filter(self, data: bytes) -> bytes:
+        """Pass keys through, except the Ctrl-A x escape sequence (Ctrl-A Ctrl-A sends one Ctrl-A)."""
+        if self._saved_mode is None:
+            return data
+        out = bytearray()
+        for byte in data:
+            if self._escape_pending:
+                self._escape_pending = False
+                if byte == QUIT:
+                    self._on_quit()
+                    continue
+                out.append(ESCAPE)
+                if byte == ESCAPE:
+                    continue
+            elif byte == ESCAPE:
+                self._escape_pending = True
+                continue
+            out.append(byte)
+        return bytes(out)
+
+
+def _stdin_fd() -> int | None:
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    try:
+        os.fstat(fd)
+    except OSError:
+        return None
+    return fd
+
+
+def stdout_writer() -> Callable[[bytes], None]:
+    """Console output to stdout, unbuffered, whatever sys.stdout is at call time."""
+    stream = sys.stdout
+
+    def write(data: bytes) -> None:
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+        else:
+            stream.write(data.decode("latin-1"))
+        stream.flush()
+
+    return write

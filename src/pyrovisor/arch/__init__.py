@@ -1,0 +1,1 @@
+"""Architecture-specific pure code (no KVM, no I/O)."""

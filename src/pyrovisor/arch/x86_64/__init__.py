@@ -1,0 +1,1 @@
+"""x86-64: physical layout, paging, descriptors, boot state, CPUID."""

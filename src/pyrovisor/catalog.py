@@ -1,0 +1,81 @@
+"""The built-in guests: their manifest (guests/manifest.toml) and the ELF files built from it."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pyrovisor.arch.x86_64.layout import parse_size
+from pyrovisor.errors import ConfigError, LoaderError
+
+MANIFEST_NAME = "manifest.toml"
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    name: str
+    elf: Path
+    description: str
+    memory_size: int
+    vcpus: int
+    args: str
+    exit_code: int
+    expect: tuple[str, ...]
+    timeout: float
+    groups: tuple[str, ...]
+
+
+def guests_dir() -> Path:
+    """Where the built guests are installed (package data: pyrovisor/_guests)."""
+    return Path(str(resources.files("pyrovisor"))) / "_guests"
+
+
+def load_catalog(directory: Path | None = None) -> dict[str, GuestSpec]:
+    directory = directory or guests_dir()
+    manifest = directory / MANIFEST_NAME
+    if not manifest.is_file():
+        raise LoaderError(str(manifest), "the built-in guests are not built; reinstall with "
+                          "`pip install -e .` or run `make -C guests OUT=src/pyrovisor/_guests`")
+    try:
+        data = tomllib.loads(manifest.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise LoaderError(str(manifest), f"malformed manifest: {exc}") from None
+    return {name: _spec(name, entry, directory) for name, entry in data.get("guests", {}).items()}
+
+
+def _spec(name: str, entry: dict[str, object], directory: Path) -> GuestSpec:
+    try:
+        return GuestSpec(
+            name=name,
+            elf=directory / str(entry["elf"]),
+            description=str(entry.get("description", "")),
+            memory_size=parse_size(str(entry.get("memory", "64M"))),
+            vcpus=int(str(entry.get("vcpus", 1))),
+            args=str(entry.get("args", "")),
+            exit_code=int(str(entry.get("exit_code", 0))),
+            expect=tuple(str(line) for line in _list(entry.get("expect", []))),
+            timeout=float(str(entry.get("timeout", 60))),
+            groups=tuple(str(group) for group in _list(entry.get("groups", []))),
+        )
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"manifest entry [guests.{name}]", entry, f"bad or missing field: {exc}") from None
+
+
+def _list(value: object) -> list[object]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list, got {value!r}")
+    return value
+
+
+def resolve_guest(name_or_path: str) -> tuple[Path, GuestSpec | None]:
+    """A built-in guest by name, or an ELF file by path."""
+    candidate = Path(name_or_path)
+    if "/" in name_or_path or candidate.suffix == ".elf" or candidate.exists():
+        return candidate, None
+    catalog = load_catalog()
+    if name_or_path not in catalog:
+        raise ConfigError("guest", name_or_path, f"not a file and not a built-in guest ({', '.join(catalog)})")
+    spec = catalog[name_or_path]
+    return spec.elf, spec

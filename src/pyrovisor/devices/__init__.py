@@ -1,0 +1,1 @@
+"""Device models (pure state machines) and the buses that route guest accesses to them."""

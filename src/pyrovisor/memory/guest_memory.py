@@ -1,0 +1,212 @@
+"""GuestMemory: the guest physical address space as bounds-checked, typed reads and writes."""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
+
+from pyrovisor.errors import ConfigError, GuestMemoryError
+from pyrovisor.memory.region import PAGE_SIZE, MemoryRegion
+
+CT = TypeVar("CT", bound=ctypes.Structure)
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GuestMemory:
+    """Guest RAM made of non-overlapping regions.
+
+    Every access is checked against the regions; an access that touches a hole or runs past the end
+    raises `GuestMemoryError` carrying the guest physical address. Devices, loaders, snapshots and
+    introspection use this interface and never see mmap or KVM. Writes made through it can be
+    recorded (`start_tracking`) so snapshots and migration see pages written by devices, which
+    KVM's dirty log does not report.
+    """
+
+    def __init__(self, regions: Iterable[MemoryRegion]) -> None:
+        self._regions: list[MemoryRegion] = sorted(regions, key=lambda region: region.gpa)
+        if not self._regions:
+            raise ConfigError("guest memory", 0, "needs at least one region")
+        for before, after in zip(self._regions, self._regions[1:], strict=False):
+            if before.end > after.gpa:
+                raise ConfigError("guest memory", (before, after), "regions overlap")
+        self._starts = [region.gpa for region in self._regions]
+        self._tracked_pages: set[int] | None = None
+
+    # --- layout -------------------------------------------------------------------------------
+    @property
+    def regions(self) -> Sequence[MemoryRegion]:
+        return tuple(self._regions)
+
+    @property
+    def size(self) -> int:
+        """Total bytes of RAM (holes excluded)."""
+        return sum(region.size for region in self._regions)
+
+    @property
+    def end(self) -> int:
+        """One past the highest guest physical address backed by RAM."""
+        return self._regions[-1].end
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        region = self._region_at(gpa)
+        return region is not None and gpa + size <= region.end
+
+    def region_of(self, gpa: int) -> MemoryRegion:
+        region = self._region_at(gpa)
+        if region is None:
+            raise GuestMemoryError(gpa, 1, "no RAM at this address")
+        return region
+
+    def _region_at(self, gpa: int) -> MemoryRegion | None:
+        index = bisect.bisect_right(self._starts, gpa) - 1
+        if index < 0:
+            return None
+        region = self._regions[index]
+        return region if gpa < region.end else None
+
+    def _locate(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
+        """Region and offset for an access that must lie inside one region."""
+        if gpa < 0 or size < 0:
+            raise GuestMemoryError(gpa, size, "negative address or size")
+        region = self._region_at(gpa)
+        if region is None:
+            raise GuestMemoryError(gpa, size, "no RAM at this address")
+        if gpa + size > region.end:
+            raise GuestMemoryError(gpa, size, f"access runs past the end of RAM at {region.end:#x}")
+        return region, gpa - region.gpa
+
+    def _spans(self, gpa: int, size: int) -> Iterator[tuple[MemoryRegion, int, int]]:
+        """(region, offset, length) pieces of an access that may cross from one region into the next."""
+        if size == 0:
+            self._locate(gpa, 0)
+            return
+        remaining = size
+        address = gpa
+        while remaining:
+            region = self._region_at(address)
+            if region is None:
+                raise GuestMemoryError(gpa, size, f"no RAM at {address:#x}")
+            length = min(remaining, region.end - address)
+            yield region, address - region.gpa, length
+            address += length
+            remaining -= length
+
+    # --- byte access --------------------------------------------------------------------------
+    def read(self, gpa: int, size: int) -> bytes:
+        pieces = [bytes(region.view[offset:offset + length]) for region, offset, length in self._checked(gpa, size)]
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def read_into(self, gpa: int, buffer: bytearray | memoryview) -> None:
+        target = memoryview(buffer).cast("B")
+        position = 0
+        for region, offset, length in self._checked(gpa, len(target)):
+            target[position:position + length] = region.view[offset:offset + length]
+            position += length
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        source = memoryview(data).cast("B")
+        position = 0
+        for region, offset, length in self._checked(gpa, len(source)):
+            region.view[offset:offset + length] = source[position:position + length]
+            position += length
+        self._record(gpa, len(source))
+
+    def fill(self, gpa: int, size: int, byte: int = 0) -> None:
+        for region, offset, length in self._checked(gpa, size):
+            ctypes.memset(region.host_address + offset, byte, length)
+        self._record(gpa, size)
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A zero-copy window on guest memory (must lie in one region). Writes through it are not tracked."""
+        region, offset = self._locate(gpa, size)
+        return region.view[offset:offset + size]
+
+    def _checked(self, gpa: int, size: int) -> list[tuple[MemoryRegion, int, int]]:
+        if gpa < 0 or size < 0:
+            raise GuestMemoryError(gpa, size, "negative address or size")
+        return list(self._spans(gpa, size))
+
+    # --- typed access -------------------------------------------------------------------------
+    def read_u8(self, gpa: int) -> int:
+        return int(self._unpack(_U8, gpa))
+
+    def read_u16(self, gpa: int) -> int:
+        return int(self._unpack(_U16, gpa))
+
+    def read_u32(self, gpa: int) -> int:
+        return int(self._unpack(_U32, gpa))
+
+    def read_u64(self, gpa: int) -> int:
+        return int(self._unpack(_U64, gpa))
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self._pack(_U8, gpa, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self._pack(_U16, gpa, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self._pack(_U32, gpa, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self._pack(_U64, gpa, value)
+
+    def read_obj(self, gpa: int, kind: type[CT]) -> CT:
+        """A copy of a ctypes structure stored at `gpa`."""
+        return kind.from_buffer_copy(self.read(gpa, ctypes.sizeof(kind)))
+
+    def write_obj(self, gpa: int, obj: ctypes.Structure) -> None:
+        self.write(gpa, bytes(obj))
+
+    def _unpack(self, layout: struct.Struct, gpa: int) -> int:
+        region, offset = self._locate(gpa, layout.size)
+        value: int = layout.unpack_from(region.view, offset)[0]
+        return value
+
+    def _pack(self, layout: struct.Struct, gpa: int, value: int) -> None:
+        region, offset = self._locate(gpa, layout.size)
+        try:
+            layout.pack_into(region.view, offset, value)
+        except struct.error as exc:
+            raise GuestMemoryError(gpa, layout.size, f"value {value!r} does not fit: {exc}") from None
+        self._record(gpa, layout.size)
+
+    # --- dirty tracking of host-side writes ----------------------------------------------------
+    def start_tracking(self) -> None:
+        """Record the pages written through this object from now on (device and loader writes)."""
+        self._tracked_pages = set()
+
+    def stop_tracking(self) -> None:
+        self._tracked_pages = None
+
+    def take_tracked_pages(self) -> set[int]:
+        """Guest page frame numbers written since the last call (tracking must be on)."""
+        if self._tracked_pages is None:
+            raise GuestMemoryError(0, 0, "write tracking is not enabled")
+        pages, self._tracked_pages = self._tracked_pages, set()
+        return pages
+
+    def _record(self, gpa: int, size: int) -> None:
+        if self._tracked_pages is not None and size:
+            self._tracked_pages.update(range(gpa // PAGE_SIZE, (gpa + size - 1) // PAGE_SIZE + 1))
+
+    # --- host-side management -----------------------------------------------------------------
+    def discard(self, gpa: int, size: int) -> None:
+        """Return the backing pages of [gpa, gpa+size) to the host (balloon): the guest then reads zeros."""
+        for region, offset, length in self._checked(gpa, size):
+            region.discard(offset, length)
+
+    def close(self) -> None:
+        for region in self._regions:
+            region.close()
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"[{r.gpa:#x}-{r.end:#x})" for r in self._regions)
+        return f"GuestMemory({parts})"

@@ -1,0 +1,109 @@
+"""Vmm: a built VM while it runs — start, wait, pause, resume, stop, close."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyrovisor.config import MachineConfig
+from pyrovisor.devices.bus import Bus, PortBus
+from pyrovisor.devices.console import SerialConsole
+from pyrovisor.devices.debug_exit import DebugExit
+from pyrovisor.errors import PyrovisorError
+from pyrovisor.kvm import Kvm
+from pyrovisor.loader import LoadResult
+from pyrovisor.memory import GuestMemory
+from pyrovisor.vstate.run_control import RunControl, RunOutcome, StopReason
+from pyrovisor.vstate.vcpu import Vcpu
+from pyrovisor.vstate.vm import Vm
+
+JOIN_TIMEOUT = 10.0
+
+
+@dataclass
+class Vmm:
+    """The running machine. Build it with `pyrovisor.builder.build_vm`; use it as a context manager."""
+
+    config: MachineConfig
+    kvm: Kvm
+    vm: Vm
+    memory: GuestMemory
+    vcpus: list[Vcpu]
+    port_bus: PortBus
+    mmio_bus: Bus
+    control: RunControl
+    console: SerialConsole
+    debug_exit: DebugExit
+    kernel: LoadResult
+    owns_kvm: bool = True
+    started: bool = False
+    closed: bool = False
+
+    def start(self) -> None:
+        if self.started:
+            raise PyrovisorError("the VM was already started")
+        self.started = True
+        for vcpu in self.vcpus:
+            vcpu.start()
+
+    def wait(self, timeout: float | None = None) -> RunOutcome | None:
+        """The outcome once the VM stops, or None if `timeout` passes first."""
+        return self.control.wait(timeout)
+
+    def run(self, timeout: float | None = None) -> RunOutcome:
+        """Start, wait for the guest to stop (or the timeout), stop every vCPU, return the outcome."""
+        self.start()
+        outcome = self.wait(timeout)
+        if outcome is None:
+            self.control.finish(RunOutcome(StopReason.TIMEOUT))
+        self.join()
+        result = self.control.outcome
+        assert result is not None
+        return result
+
+    def pause(self, timeout: float = JOIN_TIMEOUT) -> bool:
+        """Park every vCPU outside KVM_RUN; False if the VM had already stopped."""
+        return self.control.pause(timeout)
+
+    def resume(self) -> None:
+        self.control.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self.control.paused
+
+    @property
+    def outcome(self) -> RunOutcome | None:
+        return self.control.outcome
+
+    def stop(self) -> RunOutcome:
+        self.control.finish(RunOutcome(StopReason.HOST_STOP))
+        self.join()
+        result = self.control.outcome
+        assert result is not None
+        return result
+
+    def join(self, timeout: float = JOIN_TIMEOUT) -> None:
+        for vcpu in self.vcpus:
+            if not vcpu.join(timeout):
+                raise PyrovisorError(f"vCPU {vcpu.index} did not stop within {timeout} s")
+
+    def close(self) -> None:
+        """Stop the guest and release vCPUs, the VM, guest memory and (if owned) /dev/kvm."""
+        if self.closed:
+            return
+        if self.started:
+            self.control.finish(RunOutcome(StopReason.HOST_STOP))
+            self.join()
+        for vcpu in self.vcpus:
+            vcpu.fd.close()
+        self.vm.close()
+        self.memory.close()
+        if self.owns_kvm:
+            self.kvm.close()
+        self.closed = True
+
+    def __enter__(self) -> Vmm:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,121 @@
+"""Coordination between vCPU threads and their controller: stop, pause, resume and the outcome."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from pyrovisor.errors import PyrovisorError
+
+
+class StopReason(Enum):
+    GUEST_EXIT = "guest exit"  # the guest wrote its exit code to the debug-exit port
+    HALTED = "halted"  # HLT with no interrupt controller to wake it
+    SHUTDOWN = "shutdown"  # triple fault or shutdown request
+    HOST_STOP = "stopped by host"
+    TIMEOUT = "timeout"
+    ERROR = "error"  # the guest did something the VMM cannot continue from
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    reason: StopReason
+    exit_code: int | None = None
+    error: PyrovisorError | None = None
+    vcpu: int | None = None
+
+    def describe(self) -> str:
+        if self.reason is StopReason.GUEST_EXIT:
+            return f"guest exited with code {self.exit_code}"
+        if self.error is not None:
+            return str(self.error)
+        return str(self.reason.value)
+
+
+class RunControl:
+    """Shared by the vCPU threads of one VM.
+
+    The flags are read without the lock in the hot loop (a stale read only delays the reaction until
+    the kick arrives); every change takes the lock, then kicks the vCPUs out of KVM_RUN.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.stop_requested = False
+        self.pause_requested = False
+        self._parked = 0
+        self._running = 0
+        self._outcome: RunOutcome | None = None
+        self._kickers: list[Callable[[], None]] = []
+
+    def register(self, kick: Callable[[], None]) -> None:
+        self._kickers.append(kick)
+
+    # --- called by vCPU threads -----------------------------------------------------------------
+    def vcpu_started(self) -> None:
+        with self._cond:
+            self._running += 1
+
+    def vcpu_finished(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+    def park(self) -> None:
+        """Wait here while a pause is requested."""
+        with self._cond:
+            self._parked += 1
+            self._cond.notify_all()
+            while self.pause_requested and not self.stop_requested:
+                self._cond.wait()
+            self._parked -= 1
+
+    def finish(self, outcome: RunOutcome) -> None:
+        """Stop every vCPU; the first outcome reported is the one that counts."""
+        with self._cond:
+            if self._outcome is None:
+                self._outcome = outcome
+            self.stop_requested = True
+            self._cond.notify_all()
+        self._kick_all()
+
+    # --- called by the controller -----------------------------------------------------------------
+    @property
+    def outcome(self) -> RunOutcome | None:
+        return self._outcome
+
+    @property
+    def paused(self) -> bool:
+        with self._cond:
+            return self.pause_requested and self._parked == self._running
+
+    def pause(self, timeout: float = 10.0) -> bool:
+        """Ask every vCPU to park and wait until they have; False if the VM stopped meanwhile."""
+        with self._cond:
+            self.pause_requested = True
+        self._kick_all()
+        with self._cond:
+            done = self._cond.wait_for(lambda: self.stop_requested or self._parked == self._running, timeout)
+            if not done:
+                raise TimeoutError(f"vCPUs did not pause within {timeout} s")
+            return not self.stop_requested
+
+    def resume(self) -> None:
+        with self._cond:
+            self.pause_requested = False
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> RunOutcome | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._outcome is not None, timeout)
+            return self._outcome
+
+    def wait_all_stopped(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._running == 0, timeout)
+
+    def _kick_all(self) -> None:
+        for kick in self._kickers:
+            kick()

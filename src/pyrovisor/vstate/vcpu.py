@@ -1,0 +1,195 @@
+"""Vcpu: one vCPU thread running KVM_RUN in a loop and routing its exits to the buses."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyrovisor.devices.bus import Bus
+from pyrovisor.errors import GuestError, PyrovisorError
+from pyrovisor.kvm import VcpuFd
+from pyrovisor.kvm.exits import (
+    Debug,
+    DirtyRingFull,
+    FailEntry,
+    Hlt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    VcpuExit,
+)
+from pyrovisor.vstate.run_control import RunControl, RunOutcome, StopReason
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGRTMIN
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    return None
+
+
+def install_kick_handler() -> None:
+    """A handler for the kick signal, so that it interrupts KVM_RUN instead of killing the process.
+
+    Python only installs handlers from the main thread; the first VM must be built there.
+    """
+    if signal.getsignal(KICK_SIGNAL) is _ignore_kick:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise PyrovisorError("the first VM must be created from the main thread (it installs the vCPU kick signal handler)")
+    signal.signal(KICK_SIGNAL, _ignore_kick)
+
+
+@dataclass
+class ExitCounters:
+    """Exits this vCPU handled in userspace, by kind."""
+
+    io: int = 0
+    mmio: int = 0
+    interrupted: int = 0
+    other: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.io + self.mmio + self.interrupted + self.other
+
+
+DebugHandler = Callable[["Vcpu", Debug], bool]  # returns True to keep running
+
+
+class Vcpu:
+    """A vCPU and its thread. Exits go to the port and MMIO buses; the run control stops and pauses it."""
+
+    def __init__(self, index: int, fd: VcpuFd, port_bus: Bus, mmio_bus: Bus, control: RunControl) -> None:
+        self.index = index
+        self.fd = fd
+        self.port_bus = port_bus
+        self.mmio_bus = mmio_bus
+        self.control = control
+        self.counters = ExitCounters()
+        self.debug_handler: DebugHandler | None = None
+        self.dirty_ring_full_handler: Callable[[Vcpu], None] | None = None
+        self._thread: threading.Thread | None = None
+        control.register(self.kick)
+
+    # --- thread management ----------------------------------------------------------------------
+    def start(self) -> None:
+        install_kick_handler()
+        self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
+        self.control.vcpu_started()
+        self._thread.start()
+
+    def kick(self) -> None:
+        """Make KVM_RUN return now (or immediately at its next entry)."""
+        if self.fd.fd < 0:
+            return
+        self.fd.set_immediate_exit(True)
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread.ident is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _thread_main(self) -> None:
+        try:
+            self.run_loop()
+        except PyrovisorError as exc:
+            self.control.finish(RunOutcome(StopReason.ERROR, error=exc, vcpu=self.index))
+        except Exception as exc:  # a VMM bug: report it as an error outcome, never crash the host
+            log.error("vCPU %d crashed:\n%s", self.index, traceback.format_exc())
+            self.control.finish(RunOutcome(StopReason.ERROR, vcpu=self.index,
+                                           error=GuestError(self.index, "VMM internal error", repr(exc))))
+        finally:
+            self.control.vcpu_finished()
+
+    # --- the run loop -------------------------------------------------------------------------
+    def run_loop(self) -> None:
+        """Run until the control says stop; also callable directly on the current thread."""
+        control = self.control
+        run = self.fd.run
+        port_read = self.port_bus.read
+        port_write = self.port_bus.write
+        mmio_read = self.mmio_bus.read
+        mmio_write = self.mmio_bus.write
+        counters = self.counters
+        while not control.stop_requested:
+            if control.pause_requested:
+                control.park()
+                continue
+            vm_exit = run()
+            if isinstance(vm_exit, IoOut):
+                counters.io += 1
+                size, data = vm_exit.size, vm_exit.data
+                if len(data) == size:
+                    port_write(vm_exit.port, size, int.from_bytes(data, "little"))
+                else:
+                    for start in range(0, len(data), size):
+                        port_write(vm_exit.port, size, int.from_bytes(data[start:start + size], "little"))
+            elif isinstance(vm_exit, IoIn):
+                counters.io += 1
+                for index in range(vm_exit.count):
+                    vm_exit.respond(port_read(vm_exit.port, vm_exit.size), index)
+            elif isinstance(vm_exit, MmioWrite):
+                counters.mmio += 1
+                mmio_write(vm_exit.address, len(vm_exit.data), int.from_bytes(vm_exit.data, "little"))
+            elif isinstance(vm_exit, MmioRead):
+                counters.mmio += 1
+                vm_exit.respond(mmio_read(vm_exit.address, vm_exit.size))
+            elif isinstance(vm_exit, Interrupted):
+                counters.interrupted += 1
+                self.fd.set_immediate_exit(False)
+            else:
+                counters.other += 1
+                self._handle_rare_exit(vm_exit)
+
+    def _handle_rare_exit(self, vm_exit: VcpuExit) -> None:
+        finish = self.control.finish
+        index = self.index
+        if isinstance(vm_exit, Debug):
+            if self.debug_handler is None or not self.debug_handler(self, vm_exit):
+                finish(RunOutcome(StopReason.HOST_STOP, vcpu=index))
+        elif isinstance(vm_exit, DirtyRingFull):
+            if self.dirty_ring_full_handler is None:
+                raise GuestError(index, "dirty ring full", "no handler harvests the dirty ring")
+            self.dirty_ring_full_handler(self)
+        elif isinstance(vm_exit, Hlt):
+            finish(RunOutcome(StopReason.HALTED, vcpu=index))
+        elif isinstance(vm_exit, Shutdown):
+            finish(RunOutcome(StopReason.SHUTDOWN, vcpu=index,
+                              error=GuestError(index, "shutdown", "triple fault or shutdown request")))
+        elif isinstance(vm_exit, SystemEvent):
+            finish(RunOutcome(StopReason.SHUTDOWN, vcpu=index,
+                              error=GuestError(index, "system event", f"type {vm_exit.type}")))
+        elif isinstance(vm_exit, InternalError):
+            raise GuestError(index, "KVM internal error", vm_exit.describe() + self._where())
+        elif isinstance(vm_exit, FailEntry):
+            raise GuestError(index, "VM entry failed", f"hardware reason {vm_exit.hardware_reason:#x}")
+        else:
+            raise GuestError(index, "unexpected exit", repr(vm_exit) + self._where())
+
+    def _where(self) -> str:
+        try:
+            regs = self.fd.get_regs()
+        except PyrovisorError:
+            return ""
+        return f" at rip={regs.rip:#x}"
