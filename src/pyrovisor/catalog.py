@@ -25,6 +25,8 @@ class GuestSpec:
     expect: tuple[str, ...]
     timeout: float
     groups: tuple[str, ...]
+    initrd: Path | None = None  # file placed after the kernel (e.g. an archive of programs)
+    stdin: bytes = b""  # keyboard input the tests feed to the console
 
 
 def guests_dir() -> Path:
@@ -58,6 +60,8 @@ def _spec(name: str, entry: dict[str, object], directory: Path) -> GuestSpec:
             expect=tuple(str(line) for line in _list(entry.get("expect", []))),
             timeout=float(str(entry.get("timeout", 60))),
             groups=tuple(str(group) for group in _list(entry.get("groups", []))),
+            initrd=directory / str(entry["initrd"]) if "initrd" in entry else None,
+            stdin=str(entry.get("stdin", "")).encode(),
         )
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"manifest entry [guests.{name}]", entry, f"bad or missing field: {exc}") from None

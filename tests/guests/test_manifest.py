@@ -18,8 +18,10 @@ CATALOG = load_catalog()
 
 def run_guest(spec: GuestSpec) -> tuple[int | None, str, StopReason]:
     output = bytearray()
-    config = MachineConfig(kernel=spec.elf, memory_size=spec.memory_size, vcpus=spec.vcpus, cmdline=spec.args)
+    config = MachineConfig(kernel=spec.elf, memory_size=spec.memory_size, vcpus=spec.vcpus, cmdline=spec.args,
+                           initrd=spec.initrd)
     with build_vm(config, output.extend) as vmm:
+        vmm.console.feed(spec.stdin)
         outcome = vmm.run(timeout=spec.timeout)
     return outcome.exit_code, output.decode(errors="replace"), outcome.reason
 

@@ -95,3 +95,10 @@ def test_guests_and_info() -> None:
     assert info.returncode == 0
     for fact in ("API version", "KVM_CAP_USER_MEMORY", "KVM_CAP_IRQCHIP", "KVM modules", "CPUID leaves"):
         assert fact in info.stdout
+
+
+def test_keyboard_input_reaches_the_guest_uart() -> None:
+    result = subprocess.run([sys.executable, "-m", "pyrovisor", "run", "echo"], input="typed by a user\n",
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "echo: typed by a user" in result.stdout

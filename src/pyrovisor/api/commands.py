@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
         memory_size=args.memory or (spec.memory_size if spec else DEFAULT_MEMORY),
         vcpus=args.vcpus or (spec.vcpus if spec else 1),
         cmdline=args.cmdline if args.cmdline is not None else (spec.args if spec else ""),
-        initrd=args.initrd,
+        initrd=args.initrd or (spec.initrd if spec else None),
     )
     with build_vm(config, stdout_writer()) as vmm:
         quit_outcome = RunOutcome(StopReason.HOST_STOP)
