@@ -1,4 +1,5 @@
 /* The IDT: exception gates to the stubs in exceptions.S; unhandled exceptions report and stop the VM. */
+#include <pyrovisor/console.h>
 #include <pyrovisor/cpu.h>
 #include <pyrovisor/idt.h>
 #include <pyrovisor/printf.h>
@@ -71,7 +72,11 @@ void exception_dispatch(struct exception_frame *frame)
     if (frame->vector < EXCEPTION_VECTORS && hooks[frame->vector] && hooks[frame->vector](frame))
         return;
     uint64_t cr2 = frame->vector == VECTOR_PAGE_FAULT ? read_cr2() : 0;
-    printf("EXCEPTION: vector=%lu (%s) error=%#lx rip=%#lx cr2=%#lx cs=%#lx\n", frame->vector,
-           exception_name((unsigned)frame->vector), frame->error_code, frame->rip, cr2, frame->cs);
+    char line[160];
+    int length = snprintf(line, sizeof line, "EXCEPTION: vector=%lu (%s) error=%#lx rip=%#lx cr2=%#lx cs=%#lx\n",
+                          frame->vector, exception_name((unsigned)frame->vector), frame->error_code, frame->rip,
+                          cr2, frame->cs);
+    /* Straight to the console, not through printf's sink, which may point at a user-mode path. */
+    console_write(line, (size_t)length < sizeof line ? (size_t)length : sizeof line - 1);
     guest_exit(EXIT_EXCEPTION_CODE);
 }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyrovisor.arch.x86_64 import cpuid, layout
 from pyrovisor.arch.x86_64.boot import long_mode_entry
@@ -13,7 +15,7 @@ from pyrovisor.arch.x86_64.descriptors import boot_gdt, tss_image
 from pyrovisor.arch.x86_64.paging import BootPageTables, boot_alias_to_physical, build_boot_page_tables
 from pyrovisor.config import MachineConfig
 from pyrovisor.devices.bus import Bus, PortBus
-from pyrovisor.devices.console import COM1_IRQ, COM1_PORT, PORT_COUNT, SerialConsole
+from pyrovisor.devices.console import COM1_IRQ, COM1_PORT, PORT_COUNT, SerialConsole, SerialConsoleArgs
 from pyrovisor.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from pyrovisor.errors import ConfigError, KvmError, LoaderError
 from pyrovisor.kvm import Kvm, VcpuFd, uapi
@@ -24,7 +26,12 @@ from pyrovisor.vmm import Vmm
 from pyrovisor.vstate.registers import apply_entry_state
 from pyrovisor.vstate.run_control import RunControl, RunOutcome, StopReason
 from pyrovisor.vstate.vcpu import Vcpu, install_kick_handler
+from pyrovisor.vstate.vcpu_state import restore_vcpu
 from pyrovisor.vstate.vm import Vm
+from pyrovisor.vstate.vm_state import restore_vm_state
+
+if TYPE_CHECKING:
+    from pyrovisor.snapshot.state import MachineState
 
 
 @dataclass
@@ -222,4 +229,53 @@ def _tsc_khz(vcpu: VcpuFd) -> int:
         return 0
 
 
-__all__ = ["RECIPE", "Assembly", "build_vm"]
+def restore_vm(directory: Path, console_output: Callable[[bytes], None], lazy: bool = True, verify: bool = False,
+               track_dirty: bool = False, kvm: Kvm | None = None) -> Vmm:
+    """Rebuild a VM from a snapshot directory (and the bases a diff builds on), ready to start.
+
+    Every file is read and checked before anything is created; a refused snapshot changes nothing.
+    With `lazy`, memory is the full image mapped copy-on-write (the file must stay); otherwise it is
+    read into anonymous memory. `verify` checks memory checksums (always done for eager reads).
+    """
+    from pyrovisor.snapshot.chain import load_chain
+    from pyrovisor.snapshot.memory_file import apply_diff_image, open_full_image
+
+    chain = load_chain(directory)
+    state = chain[-1].state
+    memory = open_full_image(chain[0].directory, chain[0].state.memory, state.ram, lazy=lazy, verify=verify or not lazy)
+    assembly = Assembly(state.config, kvm or Kvm(), console_output, memory=memory, kernel=state.kernel)
+    try:
+        for link in chain[1:]:
+            apply_diff_image(link.directory, link.state.memory, memory, verify=verify)
+        create_vm(assembly)
+        assembly.require_vm().add_guest_memory(memory)
+        attach_irqchip(assembly)
+        _attach_devices_from_state(assembly, state)
+        assembly.vcpu_fds = [assembly.require_vm().create_vcpu(index) for index in range(state.config.vcpus)]
+        for fd, vcpu_state in zip(assembly.vcpu_fds, state.vcpus, strict=True):
+            restore_vcpu(fd, vcpu_state, assembly.kvm)
+        restore_vm_state(assembly.require_vm().fd, state.vm)
+    except BaseException:
+        _release(assembly, owns_kvm=kvm is None)
+        raise
+    vmm = _finish(assembly, owns_kvm=kvm is None)
+    vmm.last_snapshot = (chain[-1].directory, state.snapshot_id)
+    if track_dirty:
+        vmm.dirty.start()
+    return vmm
+
+
+def _attach_devices_from_state(assembly: Assembly, state: MachineState) -> None:
+    vm, control = assembly.require_vm(), assembly.control
+    assembly.console = SerialConsole.restore(SerialConsoleArgs(assembly.console_output, vm.interrupt_line(COM1_IRQ)),
+                                             state.devices.serial)
+    assembly.port_bus.insert(COM1_PORT, PORT_COUNT, assembly.console, "serial0")
+
+    def guest_exit(code: int) -> None:
+        control.finish(RunOutcome(StopReason.GUEST_EXIT, exit_code=code))
+
+    assembly.debug_exit = DebugExit.restore(guest_exit, state.devices.debug_exit)
+    assembly.port_bus.insert(DEBUG_EXIT_PORT, 4, assembly.debug_exit, "debug-exit")
+
+
+__all__ = ["RECIPE", "Assembly", "build_vm", "restore_vm"]

@@ -98,3 +98,13 @@ class MigrationError(PyrovisorError):
         self.phase = phase
         self.reason = reason
         super().__init__(f"migration failed during {phase}: {reason}")
+
+
+class ControlError(PyrovisorError):
+    """A control-API request failed: the VMM is unreachable or refused the request."""
+
+    def __init__(self, endpoint: str, reason: str, status: int | None = None) -> None:
+        self.endpoint = endpoint
+        self.reason = reason
+        self.status = status
+        super().__init__(f"{endpoint}: {reason}")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyrovisor.config import MachineConfig
 from pyrovisor.devices.bus import Bus, PortBus
@@ -12,6 +13,7 @@ from pyrovisor.errors import PyrovisorError
 from pyrovisor.kvm import Kvm
 from pyrovisor.loader import LoadResult
 from pyrovisor.memory import GuestMemory
+from pyrovisor.vstate.dirty import DirtyTracker
 from pyrovisor.vstate.run_control import RunControl, RunOutcome, StopReason
 from pyrovisor.vstate.vcpu import Vcpu
 from pyrovisor.vstate.vm import Vm
@@ -37,6 +39,11 @@ class Vmm:
     owns_kvm: bool = True
     started: bool = False
     closed: bool = False
+    last_snapshot: tuple[Path, str] | None = None  # directory and id of the snapshot diffs apply to
+    dirty: DirtyTracker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dirty = DirtyTracker(self.vm, self.memory)
 
     def start(self) -> None:
         if self.started:
@@ -70,6 +77,15 @@ class Vmm:
     @property
     def paused(self) -> bool:
         return self.control.paused
+
+    @property
+    def state(self) -> str:
+        """created, running, paused or stopped."""
+        if self.outcome is not None or self.closed:
+            return "stopped"
+        if not self.started:
+            return "created"
+        return "paused" if self.control.pause_requested else "running"
 
     @property
     def outcome(self) -> RunOutcome | None:

@@ -67,5 +67,5 @@ def test_debug_exit_reports_the_low_byte() -> None:
     codes: list[int] = []
     device = DebugExit(codes.append)
     device.write(0, 4, 0x1234_5601)
-    assert codes == [1] and device.state().exit_code == 1
+    assert codes == [1] and device.save().exit_code == 1
     assert device.read(0, 2) == 0xFFFF

@@ -15,6 +15,7 @@ from pyrovisor.errors import PyrovisorError
 # sets `handler=callable(args) -> int`. Registration must stay cheap: import heavy code in the handler.
 COMMAND_MODULES: tuple[str, ...] = (
     "pyrovisor.api.commands",
+    "pyrovisor.api.snapshot_commands",
     "pyrovisor.lab.cli",
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -11,6 +12,10 @@ from rich.table import Table
 from pyrovisor.arch.x86_64.cpuid import CpuidEntry
 from pyrovisor.arch.x86_64.layout import parse_size
 from pyrovisor.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyrovisor.api.terminal import StdoutConsole
+    from pyrovisor.vmm import Vmm
 
 DEFAULT_GUEST = "hello"
 TIMEOUT_EXIT_CODE = 124
@@ -27,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument("--args", dest="cmdline", help="kernel command line passed to the guest")
     run.add_argument("--initrd", type=Path, help="file placed in guest memory after the kernel")
     run.add_argument("--timeout", type=float, help="stop the guest after this many seconds (exit code 124)")
+    run.add_argument("--api", type=Path, metavar="SOCKET", help="serve the control API on this Unix socket")
     run.set_defaults(handler=_run)
 
     guests = subparsers.add_parser("guests", help="list the built-in guests")
@@ -55,11 +61,10 @@ def _positive_int(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pyrovisor.api.terminal import TerminalInput, stdout_writer
+    from pyrovisor.api.terminal import StdoutConsole
     from pyrovisor.builder import build_vm
     from pyrovisor.catalog import resolve_guest
     from pyrovisor.config import DEFAULT_MEMORY, MachineConfig
-    from pyrovisor.vstate.run_control import RunOutcome, StopReason
 
     elf, spec = resolve_guest(args.guest)
     config = MachineConfig(
@@ -69,15 +74,32 @@ def _run(args: argparse.Namespace) -> int:
         cmdline=args.cmdline if args.cmdline is not None else (spec.args if spec else ""),
         initrd=args.initrd or (spec.initrd if spec else None),
     )
-    with build_vm(config, stdout_writer()) as vmm:
-        quit_outcome = RunOutcome(StopReason.HOST_STOP)
+    console = StdoutConsole()
+    with build_vm(config, console) as vmm:
+        return drive(vmm, console, args.api, args.timeout)
+
+
+def drive(vmm: Vmm, console: StdoutConsole, api_socket: Path | None, timeout: float | None) -> int:
+    """Run a VM with the keyboard on its UART and, optionally, the control API; return the exit code."""
+    from pyrovisor.api.server import ControlServer
+    from pyrovisor.api.terminal import TerminalInput
+    from pyrovisor.api.vm_routes import VmRoutes
+    from pyrovisor.vstate.run_control import RunOutcome, StopReason
+
+    server = ControlServer(api_socket, VmRoutes(vmm).routes) if api_socket is not None else None
+    quit_outcome = RunOutcome(StopReason.HOST_STOP)
+    console.on_closed = lambda: vmm.control.finish(quit_outcome)
+    try:
         with TerminalInput(vmm.console.feed, lambda: vmm.control.finish(quit_outcome)):
-            outcome = vmm.run(timeout=args.timeout)
+            outcome = vmm.run(timeout=timeout)
+    finally:
+        if server is not None:
+            server.close()
     if outcome.reason is StopReason.GUEST_EXIT:
         assert outcome.exit_code is not None
         return outcome.exit_code
     if outcome.reason is StopReason.TIMEOUT:
-        Console(stderr=True).print(f"pyrovisor: guest still running after {args.timeout} s: stopped")
+        Console(stderr=True).print(f"pyrovisor: guest still running after {timeout} s: stopped")
         return TIMEOUT_EXIT_CODE
     if outcome.error is not None:
         raise outcome.error

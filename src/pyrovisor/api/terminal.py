@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import sys
@@ -94,16 +95,35 @@ def _stdin_fd() -> int | None:
     return fd
 
 
-def stdout_writer() -> Callable[[bytes], None]:
-    """Console output to stdout, unbuffered, whatever sys.stdout is at call time."""
-    stream = sys.stdout
+class StdoutConsole:
+    """Console output to stdout, unbuffered. If the reader goes away (a closed pipe), output is dropped
+    from then on and `on_closed` is called once, so the VMM can stop instead of failing in a vCPU thread."""
 
-    def write(data: bytes) -> None:
-        buffer = getattr(stream, "buffer", None)
-        if buffer is not None:
-            buffer.write(data)
-        else:
-            stream.write(data.decode("latin-1"))
-        stream.flush()
+    def __init__(self) -> None:
+        self.on_closed: Callable[[], None] | None = None
+        self._closed = False
 
-    return write
+    def __call__(self, data: bytes) -> None:
+        if self._closed:
+            return
+        stream = sys.stdout
+        try:
+            buffer = getattr(stream, "buffer", None)
+            if buffer is not None:
+                buffer.write(data)
+            else:
+                stream.write(data.decode("latin-1"))
+            stream.flush()
+        except BrokenPipeError:
+            self._closed = True
+            _silence_stdout()
+            if self.on_closed is not None:
+                self.on_closed()
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so flushing at interpreter exit does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pyrovisor.devices.base import InterruptLine
 from pyrovisor.devices.serial import RBR_THR_DLL, SerialState, Uart16550
@@ -12,6 +13,14 @@ COM1_PORT = 0x3F8
 COM1_IRQ = 4
 PORT_COUNT = 8
 MAX_PENDING_INPUT = 1 << 20
+
+
+@dataclass(frozen=True)
+class SerialConsoleArgs:
+    """What a SerialConsole needs besides its state: where output goes and the interrupt it drives."""
+
+    output: Callable[[bytes], None]
+    interrupt: InterruptLine | None = None
 
 
 class SerialConsole:
@@ -49,9 +58,13 @@ class SerialConsole:
             self._pending += data
             self._drain_pending()
 
-    def state(self) -> SerialState:
+    def save(self) -> SerialState:
         with self._lock:
             return self.uart.state()
+
+    @classmethod
+    def restore(cls, args: SerialConsoleArgs, state: SerialState) -> SerialConsole:
+        return cls(args.output, args.interrupt, state)
 
     def _drain_pending(self) -> None:
         accepted = self.uart.receive(bytes(self._pending))

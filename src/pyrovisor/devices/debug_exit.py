@@ -23,12 +23,12 @@ class DebugExit:
         self._on_exit = on_exit
         self.exit_code = (state or DebugExitState()).exit_code
 
-    def state(self) -> DebugExitState:
+    def save(self) -> DebugExitState:
         return DebugExitState(self.exit_code)
 
     @classmethod
-    def from_state(cls, state: DebugExitState, on_exit: Callable[[int], None]) -> DebugExit:
-        return cls(on_exit, state)
+    def restore(cls, args: Callable[[int], None], state: DebugExitState) -> DebugExit:
+        return cls(args, state)
 
     def read(self, offset: int, size: int) -> int:
         return all_ones(size)

@@ -29,6 +29,7 @@ from pyrovisor.kvm.exits import (
     VcpuExit,
 )
 from pyrovisor.vstate.run_control import RunControl, RunOutcome, StopReason
+from pyrovisor.vstate.vcpu_state import complete_pending_io
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class Vcpu:
         counters = self.counters
         while not control.stop_requested:
             if control.pause_requested:
+                complete_pending_io(self.fd)  # so state read while parked is consistent
                 control.park()
                 continue
             vm_exit = run()

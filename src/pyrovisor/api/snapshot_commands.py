@@ -1,0 +1,58 @@
+"""Sub-commands for saved and running VMs: restore a snapshot, control a running VMM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from pyrovisor.api.commands import drive
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    restore = subparsers.add_parser("restore", help="restore a snapshot and run it",
+                                    description="Restore a snapshot directory (a diff restores on top of its "
+                                                "base) into this process and run it.")
+    restore.add_argument("snapshot", type=Path, help="snapshot directory")
+    restore.add_argument("--eager", action="store_true",
+                         help="read all memory now instead of mapping the memory file copy-on-write")
+    restore.add_argument("--verify", action="store_true", help="check memory checksums (always done with --eager)")
+    restore.add_argument("--api", type=Path, metavar="SOCKET", help="serve the control API on this Unix socket")
+    restore.add_argument("--timeout", type=float, help="stop the guest after this many seconds (exit code 124)")
+    restore.set_defaults(handler=_restore)
+
+    ctl = subparsers.add_parser("ctl", help="control a running VMM through its API socket")
+    ctl.add_argument("socket", type=Path, help="the socket given to --api")
+    verbs = ctl.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, text in (("status", "show the VM's state"), ("pause", "pause every vCPU"),
+                       ("resume", "resume a paused VM"), ("stop", "stop the VM")):
+        verbs.add_parser(verb, help=text).set_defaults(handler=_ctl)
+    snapshot = verbs.add_parser("snapshot", help="snapshot the VM into a new directory")
+    snapshot.add_argument("path", type=Path, help="directory to create")
+    snapshot.add_argument("--diff", action="store_true", help="only the pages written since the last snapshot")
+    snapshot.set_defaults(handler=_ctl)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from pyrovisor.api.terminal import StdoutConsole
+    from pyrovisor.builder import restore_vm
+
+    console = StdoutConsole()
+    with restore_vm(args.snapshot, console, lazy=not args.eager, verify=args.verify) as vmm:
+        return drive(vmm, console, args.api, args.timeout)
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from pyrovisor.api.client import ApiClient
+
+    client = ApiClient(args.socket)
+    response: dict[str, Any]
+    if args.verb == "status":
+        response = client.get("/status")
+    elif args.verb == "snapshot":
+        response = client.post("/snapshot", {"path": str(args.path.resolve()), "kind": "diff" if args.diff else "full"})
+    else:
+        response = client.post(f"/{args.verb}")
+    print(json.dumps(response, indent=2))
+    return 0

@@ -1,0 +1,1 @@
+"""Snapshots: machine state files, memory files (full and diff), taking and restoring them."""

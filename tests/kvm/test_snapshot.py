@@ -1,0 +1,243 @@
+"""Snapshots of running guests: restore in a new process, diffs, refusal of bad files, repeatability."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from harness import VmmProcess, ticks_in
+
+from pyrovisor.builder import build_vm, restore_vm
+from pyrovisor.catalog import load_catalog
+from pyrovisor.config import MachineConfig
+from pyrovisor.errors import StateError
+from pyrovisor.snapshot.chain import load_chain
+from pyrovisor.snapshot.file_format import HEADER
+from pyrovisor.snapshot.take import take_snapshot
+from pyrovisor.vstate.vcpu_state import MSR_IA32_TSC, VcpuState
+
+pytestmark = pytest.mark.kvm
+
+TICKER_ARGS = "ticks=0 period_ms=10 buffer_mib=8"
+
+
+def ticker_config(args: str = TICKER_ARGS) -> MachineConfig:
+    return MachineConfig(kernel=load_catalog()["ticker"].elf, memory_size=64 << 20, cmdline=args)
+
+
+def without_tsc(vcpus: tuple[VcpuState, ...]) -> list[VcpuState]:
+    """vCPU states minus IA32_TSC, which keeps counting while a VM is paused."""
+    return [replace(vcpu, msrs=tuple((index, value) for index, value in vcpu.msrs if index != MSR_IA32_TSC))
+            for vcpu in vcpus]
+
+
+def restore_and_read(snapshot: Path, ticks_wanted: int, *extra: str) -> list[int]:
+    """Run `pyrovisor restore` until it has printed `ticks_wanted` ticks; return them."""
+    process = subprocess.Popen([sys.executable, "-m", "pyrovisor", "restore", str(snapshot), *extra],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if len(ticks_in(lines)) >= ticks_wanted:
+                break
+    finally:
+        process.kill()
+        process.wait()
+    ticks = ticks_in(lines)
+    assert len(ticks) >= ticks_wanted, "\n".join(lines) + (process.stderr.read() if process.stderr else "")
+    return ticks
+
+
+def test_snapshot_of_running_guest_continues_in_a_new_process(tmp_path: Path) -> None:
+    vmm = VmmProcess(["run", "ticker", "--args", TICKER_ARGS], tmp_path / "api.sock")
+    try:
+        vmm.wait_for_tick(5)
+        vmm.api.post("/pause")
+        last_tick = max(vmm.ticks())
+        report = vmm.api.post("/snapshot", {"path": str(tmp_path / "snap")})
+        assert report["kind"] == "full" and report["paused_seconds"] < 5
+        vmm.api.post("/resume")
+        vmm.wait_for_tick(last_tick + 3)
+        vmm.api.post("/stop")
+        code, stderr = vmm.finish()
+        assert code == 0, stderr
+    finally:
+        vmm.kill()
+    for mode in ([], ["--eager"]):
+        restored = restore_and_read(tmp_path / "snap", 5, *mode)
+        assert restored[0] == last_tick + 1, f"the count continues where it was paused ({mode})"
+        assert restored == list(range(last_tick + 1, last_tick + 1 + len(restored))), "no reset, no jump"
+
+
+def test_diff_snapshot_restores_the_same_machine_as_a_full_one(tmp_path: Path) -> None:
+    output = bytearray()
+    with build_vm(ticker_config(), output.extend) as vmm:
+        vmm.start()
+        deadline = time.monotonic() + 20
+        while len(ticks_in(output.decode().splitlines())) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        take_snapshot(vmm, tmp_path / "base")
+        time.sleep(0.2)
+        assert vmm.pause()
+        diff = take_snapshot(vmm, tmp_path / "diff", "diff")
+        full = take_snapshot(vmm, tmp_path / "full")
+        assert 0 < diff.pages < full.pages / 10, "a diff holds only the pages written since its base"
+        assert diff.memory_bytes == diff.pages * 4096
+    chain = load_chain(tmp_path / "diff")
+    assert [link.directory.name for link in chain] == ["base", "diff"]
+    assert without_tsc(chain[-1].state.vcpus) == without_tsc(load_chain(tmp_path / "full")[-1].state.vcpus)
+    with restore_vm(tmp_path / "diff", lambda data: None) as from_diff, \
+            restore_vm(tmp_path / "full", lambda data: None) as from_full:
+        for a, b in zip(from_diff.memory.regions, from_full.memory.regions, strict=True):
+            assert np.array_equal(np.frombuffer(a.view, np.uint8), np.frombuffer(b.view, np.uint8))
+    assert restore_and_read(tmp_path / "diff", 3) == restore_and_read(tmp_path / "full", 3)
+
+
+def test_restoring_the_same_snapshot_twice_behaves_the_same(tmp_path: Path) -> None:
+    with build_vm(ticker_config("ticks=0 period_ms=5 buffer_mib=2"), lambda data: None) as vmm:
+        vmm.start()
+        time.sleep(0.5)
+        take_snapshot(vmm, tmp_path / "snap")
+    first, second = restore_and_read(tmp_path / "snap", 4), restore_and_read(tmp_path / "snap", 4)
+    assert first[:4] == second[:4]
+    digests = []
+    for _ in range(2):  # the same state after the same number of exits
+        with restore_vm(tmp_path / "snap", lambda data: None) as vmm:
+            digests.append(hashlib.sha256(vmm.memory.regions[0].view).hexdigest())
+    assert digests[0] == digests[1]
+
+
+@pytest.fixture(scope="module")
+def snapshot_pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full snapshot and a diff on top of it, taken once for the refusal tests."""
+    root = tmp_path_factory.mktemp("snapshots")
+    with build_vm(ticker_config("ticks=0 period_ms=5 buffer_mib=1"), lambda data: None) as vmm:
+        vmm.start()
+        time.sleep(0.3)
+        take_snapshot(vmm, root / "full")
+        time.sleep(0.1)
+        take_snapshot(vmm, root / "diff", "diff")
+    return root
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(root, target)
+    return target
+
+
+def _files_state(directory: Path) -> dict[str, tuple[int, str]]:
+    return {str(path.relative_to(directory)): (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _refused(directory: Path, message: str, **options: bool) -> None:
+    before, fds = _files_state(directory.parent), _open_fds()
+    with pytest.raises(StateError, match=message):
+        restore_vm(directory, lambda data: None, **options)
+    assert _files_state(directory.parent) == before, "a refused snapshot is left untouched"
+    assert _open_fds() == fds, "nothing is left open (no VM was created)"
+
+
+def test_corrupt_state_file_is_refused(snapshot_pair: Path, tmp_path: Path) -> None:
+    copy = _copy(snapshot_pair, tmp_path)
+    state = copy / "full" / "state"
+    data = bytearray(state.read_bytes())
+    data[HEADER.size + 100] ^= 0x01
+    state.write_bytes(bytes(data))
+    _refused(copy / "full", "checksum mismatch")
+
+
+def test_truncated_state_file_is_refused(snapshot_pair: Path, tmp_path: Path) -> None:
+    copy = _copy(snapshot_pair, tmp_path)
+    state = copy / "full" / "state"
+    state.write_bytes(state.read_bytes()[:-100])
+    _refused(copy / "full", "truncated")
+    state.write_bytes(b"")
+    _refused(copy / "full", "truncated")
+
+
+def test_wrong_version_is_refused(snapshot_pair: Path, tmp_path: Path) -> None:
+    copy = _copy(snapshot_pair, tmp_path)
+    state = copy / "full" / "state"
+    data = bytearray(state.read_bytes())
+    struct.pack_into("<H", data, 8, 2)
+    digest = hashlib.sha256(bytes(data[:-32])).digest()
+    state.write_bytes(bytes(data[:-32]) + digest)
+    _refused(copy / "full", "format version 2 is not supported")
+
+
+def test_oversized_state_file_is_refused(snapshot_pair: Path, tmp_path: Path) -> None:
+    copy = _copy(snapshot_pair, tmp_path)
+    state = copy / "full" / "state"
+    data = bytearray(state.read_bytes())
+    struct.pack_into("<Q", data, 16, 1 << 40)
+    state.write_bytes(bytes(data))
+    _refused(copy / "full", "exceeds the .* byte cap")
+    with open(state, "wb") as handle:
+        handle.truncate(128 << 20)
+    _refused(copy / "full", "larger than any valid state file")
+
+
+def test_damaged_memory_files_are_refused(snapshot_pair: Path, tmp_path: Path) -> None:
+    copy = _copy(snapshot_pair, tmp_path)
+    (copy / "diff" / "memory.diff").rename(copy / "diff" / "moved")
+    _refused(copy / "diff", "memory file is missing")
+    (copy / "diff" / "moved").rename(copy / "diff" / "memory.diff")
+    memory = copy / "full" / "memory.img"
+    with open(memory, "r+b") as handle:
+        handle.seek(0x100000)
+        handle.write(b"\xde\xad")
+    _refused(copy / "full", "memory file checksum mismatch", verify=True)
+    _refused(copy / "full", "memory file checksum mismatch", lazy=False)
+    os.truncate(memory, 4096)
+    _refused(copy / "full", "memory file has 4096 bytes")
+
+
+def test_diff_without_its_base_is_refused(snapshot_pair: Path, tmp_path: Path) -> None:
+    copy = _copy(snapshot_pair, tmp_path)
+    shutil.rmtree(copy / "full")
+    _refused(copy / "diff", "snapshot directory not found")
+
+
+def test_diff_over_a_different_base_is_refused(snapshot_pair: Path, tmp_path: Path) -> None:
+    copy = _copy(snapshot_pair, tmp_path)
+    with build_vm(ticker_config("ticks=0 period_ms=5 buffer_mib=1"), lambda data: None) as vmm:
+        take_snapshot(vmm, tmp_path / "other")
+    shutil.rmtree(copy / "full")
+    shutil.copytree(tmp_path / "other", copy / "full")
+    _refused(copy / "diff", "but its diff was taken from")
+
+
+def test_cli_reports_a_refused_snapshot_in_one_line(snapshot_pair: Path, tmp_path: Path) -> None:
+    copy = _copy(snapshot_pair, tmp_path)
+    (copy / "full" / "state").write_bytes(b"garbage")
+    result = subprocess.run([sys.executable, "-m", "pyrovisor", "restore", str(copy / "full")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("pyrovisor: error:") and "truncated" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_snapshot_refuses_to_overwrite_and_diff_needs_a_base(tmp_path: Path) -> None:
+    with build_vm(ticker_config(), lambda data: None) as vmm:
+        with pytest.raises(StateError, match="needs an earlier snapshot"):
+            take_snapshot(vmm, tmp_path / "diff", "diff")
+        take_snapshot(vmm, tmp_path / "full")
+        with pytest.raises(StateError, match="never overwritten"):
+            take_snapshot(vmm, tmp_path / "full")
