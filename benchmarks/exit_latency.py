@@ -5,6 +5,10 @@ invocation: N `out` instructions to a port, then N 32-bit stores to an MMIO addr
 between marker writes that each side timestamps. pyrovisor dispatches every exit through its buses
 to a device (a write counter); the C loop does nothing with it.
 
+The host under this machine is shared and exit costs drift by ±20 % within a minute, so the two run
+in many short alternating rounds and the table reports medians, including the median of the
+per-round ratios (each round's C and pyrovisor runs are back to back).
+
 Run: python benchmarks/exit_latency.py [--iterations N] [--rounds R]
 """
 
@@ -103,8 +107,8 @@ def run_pyrovisor(config: MachineConfig, iterations: int) -> PhaseTimes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=100_000, help="exits of each kind per round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
+    parser.add_argument("--iterations", type=int, default=30_000, help="exits of each kind per round")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds; medians are reported")
     args = parser.parse_args()
     config = guest_config(args.iterations)
     with tempfile.TemporaryDirectory() as scratch:
@@ -117,14 +121,16 @@ def main() -> None:
             c_rounds.append(run_c_loop(binary, dumps, args.iterations))
             py_rounds.append(run_pyrovisor(config, args.iterations))
 
-    table = Table(title=f"exit latency, µs per exit (median of {args.rounds} rounds of {args.iterations} exits)")
-    for column in ("exit", "C loop", "pyrovisor", "ratio", f"target ≤ {TARGET_RATIO}"):
+    table = Table(title=f"exit latency, µs per exit (medians of {args.rounds} rounds of {args.iterations} exits)")
+    for column in ("exit", "C loop", "pyrovisor", "ratio (median per round)", "rounds' ratios", f"≤ {TARGET_RATIO}"):
         table.add_column(column, justify="right")
     for name, attribute in (("port I/O (out)", "pio_us"), ("MMIO write", "mmio_us")):
         c_value = statistics.median(getattr(r, attribute) for r in c_rounds)
         py_value = statistics.median(getattr(r, attribute) for r in py_rounds)
-        ratio = py_value / c_value
-        table.add_row(name, f"{c_value:.2f}", f"{py_value:.2f}", f"{ratio:.2f}", "met" if ratio <= TARGET_RATIO else "missed")
+        ratios = sorted(getattr(p, attribute) / getattr(c, attribute) for c, p in zip(c_rounds, py_rounds, strict=True))
+        ratio = statistics.median(ratios)
+        table.add_row(name, f"{c_value:.2f}", f"{py_value:.2f}", f"{ratio:.2f}", f"{ratios[0]:.2f}-{ratios[-1]:.2f}",
+                      "met" if ratio <= TARGET_RATIO else "missed")
     Console().print(table)
 
 

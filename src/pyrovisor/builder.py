@@ -6,7 +6,6 @@ import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pyrovisor.arch.x86_64 import cpuid, layout
 from pyrovisor.arch.x86_64.boot import long_mode_entry
@@ -22,6 +21,9 @@ from pyrovisor.kvm import Kvm, VcpuFd, uapi
 from pyrovisor.loader import LoadResult, load_elf
 from pyrovisor.loader.elf import AP_ENTRY_SYMBOL
 from pyrovisor.memory import GuestMemory, MemoryRegion
+from pyrovisor.snapshot.chain import load_chain
+from pyrovisor.snapshot.memory_file import apply_diff_image, open_full_image
+from pyrovisor.snapshot.state import MachineState
 from pyrovisor.vmm import Vmm
 from pyrovisor.vstate.registers import apply_entry_state
 from pyrovisor.vstate.run_control import RunControl, RunOutcome, StopReason
@@ -29,9 +31,6 @@ from pyrovisor.vstate.vcpu import Vcpu, install_kick_handler
 from pyrovisor.vstate.vcpu_state import restore_vcpu
 from pyrovisor.vstate.vm import Vm
 from pyrovisor.vstate.vm_state import restore_vm_state
-
-if TYPE_CHECKING:
-    from pyrovisor.snapshot.state import MachineState
 
 
 @dataclass
@@ -234,15 +233,12 @@ def restore_vm(directory: Path, console_output: Callable[[bytes], None], lazy: b
     """Rebuild a VM from a snapshot directory (and the bases a diff builds on), ready to start.
 
     Every file is read and checked before anything is created; a refused snapshot changes nothing.
-    With `lazy`, memory is the full image mapped copy-on-write (the file must stay); otherwise it is
-    read into anonymous memory. `verify` checks memory checksums (always done for eager reads).
+    With `lazy`, memory is the full image mapped copy-on-write (the file must stay); otherwise its
+    data is read into anonymous memory. `verify` checks the memory files' checksums first.
     """
-    from pyrovisor.snapshot.chain import load_chain
-    from pyrovisor.snapshot.memory_file import apply_diff_image, open_full_image
-
     chain = load_chain(directory)
     state = chain[-1].state
-    memory = open_full_image(chain[0].directory, chain[0].state.memory, state.ram, lazy=lazy, verify=verify or not lazy)
+    memory = open_full_image(chain[0].directory, chain[0].state.memory, state.ram, lazy=lazy, verify=verify)
     assembly = Assembly(state.config, kvm or Kvm(), console_output, memory=memory, kernel=state.kernel)
     try:
         for link in chain[1:]:

@@ -204,7 +204,7 @@ def test_damaged_memory_files_are_refused(snapshot_pair: Path, tmp_path: Path) -
         handle.seek(0x100000)
         handle.write(b"\xde\xad")
     _refused(copy / "full", "memory file checksum mismatch", verify=True)
-    _refused(copy / "full", "memory file checksum mismatch", lazy=False)
+    _refused(copy / "full", "memory file checksum mismatch", lazy=False, verify=True)
     os.truncate(memory, 4096)
     _refused(copy / "full", "memory file has 4096 bytes")
 

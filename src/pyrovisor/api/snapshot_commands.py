@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     restore.add_argument("snapshot", type=Path, help="snapshot directory")
     restore.add_argument("--eager", action="store_true",
                          help="read all memory now instead of mapping the memory file copy-on-write")
-    restore.add_argument("--verify", action="store_true", help="check memory checksums (always done with --eager)")
+    restore.add_argument("--verify", action="store_true", help="check the memory files' checksums before restoring")
     restore.add_argument("--api", type=Path, metavar="SOCKET", help="serve the control API on this Unix socket")
     restore.add_argument("--timeout", type=float, help="stop the guest after this many seconds (exit code 124)")
     restore.set_defaults(handler=_restore)

@@ -154,6 +154,7 @@ _INTERNAL = struct.Struct("<II")  # suberror (or type), ndata
 _INTERNAL_OFFSET = field_offset(RUN, "internal")
 _SYSTEM_EVENT_OFFSET = field_offset(RUN, "system_event")
 _HW_OFFSET = field_offset(RUN, "hw")
+_EXIT_REASON_INDEX = EXIT_REASON_OFFSET // 4
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
@@ -165,14 +166,15 @@ class ExitDecoder:
 
     def __init__(self, run_page: mmap.mmap) -> None:
         self._page = run_page
+        self._words = memoryview(run_page).cast("I")  # exit_reason read as one index: the cheapest access
 
     def exit_reason(self) -> int:
-        reason: int = _U32.unpack_from(self._page, EXIT_REASON_OFFSET)[0]
+        reason: int = self._words[_EXIT_REASON_INDEX]
         return reason
 
     def decode(self) -> VcpuExit:
         page = self._page
-        reason = _U32.unpack_from(page, EXIT_REASON_OFFSET)[0]
+        reason = self._words[_EXIT_REASON_INDEX]
         if reason == uapi.KVM_EXIT_IO:
             direction, size, port, count, data_offset = _IO.unpack_from(page, _IO_OFFSET)
             end = data_offset + size * count
@@ -215,3 +217,7 @@ class ExitDecoder:
         if reason == uapi.KVM_EXIT_IRQ_WINDOW_OPEN:
             return IrqWindowOpen()
         return Unknown(reason, _U64.unpack_from(page, _HW_OFFSET)[0])
+
+    def close(self) -> None:
+        """Release the view on the page so that it can be unmapped."""
+        self._words.release()

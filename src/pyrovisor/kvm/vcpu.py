@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 from collections.abc import Iterable, Mapping
@@ -15,10 +14,11 @@ from pyrovisor.errors import KvmError
 from pyrovisor.kvm import uapi
 from pyrovisor.kvm.exits import IMMEDIATE_EXIT_OFFSET, ExitDecoder, Interrupted, VcpuExit
 from pyrovisor.kvm.flexible import FlexibleBuffer
-from pyrovisor.kvm.ioctl import ioctl_int, ioctl_ptr, ioctl_struct
+from pyrovisor.kvm.ioctl import ioctl_int, ioctl_ptr, ioctl_struct, raw_ioctl
 
 PAGE_SIZE = 4096
 KVM_RUN = uapi.KVM_RUN
+_ioctl = raw_ioctl()
 _S = TypeVar("_S", bound=ctypes.Structure)
 
 
@@ -34,12 +34,11 @@ class VcpuFd:
     # --- running --------------------------------------------------------------------------------
     def run(self) -> VcpuExit:
         """KVM_RUN once. A signal or immediate_exit gives `Interrupted`."""
-        try:
-            fcntl.ioctl(self.fd, KVM_RUN, 0)
-        except OSError as exc:
-            if exc.errno == errno.EINTR:
+        if _ioctl(self.fd, KVM_RUN, None) < 0:
+            error = ctypes.get_errno()
+            if error == errno.EINTR:
                 return Interrupted()
-            raise KvmError("KVM_RUN", exc.errno or 0) from None
+            raise KvmError("KVM_RUN", error)
         return self._decoder.decode()
 
     def set_immediate_exit(self, value: bool) -> None:
@@ -188,6 +187,7 @@ class VcpuFd:
     def close(self) -> None:
         if self.fd < 0:
             return
+        self._decoder.close()
         self.run_page.close()
         os.close(self.fd)
         self.fd = -1

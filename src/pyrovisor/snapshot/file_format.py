@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 from pyrovisor.errors import StateError
-from pyrovisor.snapshot.codec import decode, encode
+from pyrovisor.snapshot.codec import decode, encode, prepare_decoder
 from pyrovisor.snapshot.state import MachineState
 
 MAGIC = b"PYRVSNAP"
@@ -19,6 +19,8 @@ HEADER = struct.Struct("<8sHHIQQ")  # magic, version, flags, reserved, payload l
 DIGEST_SIZE = 32
 MAX_PAYLOAD = 64 << 20
 PAYLOAD_KIND = "pyrovisor-machine-state"
+
+prepare_decoder(MachineState)  # resolve the type hints now, not during a restore
 
 
 def dump_state(state: MachineState) -> bytes:

@@ -106,7 +106,7 @@ def open_full_image(directory: Path, image: MemoryImage, ram: Sequence[RamRange]
     expected = [(r.gpa, r.size) for r in ram]
     if [(r.gpa, r.size) for r in image.ranges] != expected:
         raise StateError(str(directory), "memory image regions do not match the machine's RAM layout")
-    path = check_image_file(directory, image, verify=verify and lazy)
+    path = check_image_file(directory, image, verify=verify)
     regions: list[MemoryRegion] = []
     try:
         if lazy:
@@ -114,21 +114,34 @@ def open_full_image(directory: Path, image: MemoryImage, ram: Sequence[RamRange]
                 regions.append(MemoryRegion.file_private(memory_range.gpa, memory_range.size, path,
                                                          memory_range.file_offset))
         else:
-            digest = hashlib.sha256()
             with open(path, "rb", buffering=0) as handle:
                 for memory_range in image.ranges:
                     region = MemoryRegion.anonymous(memory_range.gpa, memory_range.size)
                     regions.append(region)
-                    handle.seek(memory_range.file_offset)
-                    _read_exact(handle, region.view, str(path))
-                    digest.update(region.view)
-            if verify and digest.hexdigest() != image.sha256:
-                raise StateError(str(path), "memory file checksum mismatch: the file is corrupt")
+                    _read_data_extents(handle, region.view, memory_range.file_offset, str(path))
     except BaseException:
         for region in regions:
             region.close()
         raise
     return GuestMemory(regions)
+
+
+def _read_data_extents(handle: io.FileIO, into: memoryview, file_offset: int, source: str) -> None:
+    """Read only the parts of a sparse file that hold data; holes stay untouched (zero) memory."""
+    fd = handle.fileno()
+    end = file_offset + len(into)
+    position = file_offset
+    while position < end:
+        try:
+            data_start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after `position`
+            return
+        if data_start >= end:
+            return
+        data_end = min(os.lseek(fd, data_start, os.SEEK_HOLE), end)
+        handle.seek(data_start)
+        _read_exact(handle, into[data_start - file_offset:data_end - file_offset], source)
+        position = data_end
 
 
 def apply_diff_image(directory: Path, image: MemoryImage, memory: GuestMemory, verify: bool) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class Vcpu:
         self.debug_handler: DebugHandler | None = None
         self.dirty_ring_full_handler: Callable[[Vcpu], None] | None = None
         self._thread: threading.Thread | None = None
+        self.entered_run_loop_at: float | None = None  # perf_counter() when the thread began running the guest
         control.register(self.kick)
 
     # --- thread management ----------------------------------------------------------------------
@@ -112,6 +114,7 @@ class Vcpu:
         return self._thread is not None and self._thread.is_alive()
 
     def _thread_main(self) -> None:
+        self.entered_run_loop_at = time.perf_counter()
         try:
             self.run_loop()
         except PyrovisorError as exc:
