@@ -237,28 +237,41 @@ def restore_vm(directory: Path, console_output: Callable[[bytes], None], lazy: b
     data is read into anonymous memory. `verify` checks the memory files' checksums first.
     """
     chain = load_chain(directory)
-    state = chain[-1].state
-    memory = open_full_image(chain[0].directory, chain[0].state.memory, state.ram, lazy=lazy, verify=verify)
-    assembly = Assembly(state.config, kvm or Kvm(), console_output, memory=memory, kernel=state.kernel)
+    machine = chain[-1].state.machine
+    memory = open_full_image(chain[0].directory, chain[0].state.memory, machine.ram, lazy=lazy, verify=verify)
     try:
         for link in chain[1:]:
             apply_diff_image(link.directory, link.state.memory, memory, verify=verify)
+    except BaseException:
+        memory.close()
+        raise
+    vmm = assemble_vm(machine, memory, console_output, kvm)
+    vmm.last_snapshot = (chain[-1].directory, chain[-1].state.snapshot_id)
+    if track_dirty:
+        vmm.snapshot_log = vmm.dirty.subscribe()
+    return vmm
+
+
+def assemble_vm(machine: MachineState, memory: GuestMemory, console_output: Callable[[bytes], None],
+                kvm: Kvm | None = None) -> Vmm:
+    """A VM from saved machine state and guest memory already filled in (restore, migration).
+
+    The memory becomes the VM's; on failure it is released with everything else.
+    """
+    assembly = Assembly(machine.config, kvm or Kvm(), console_output, memory=memory, kernel=machine.kernel)
+    try:
         create_vm(assembly)
         assembly.require_vm().add_guest_memory(memory)
         attach_irqchip(assembly)
-        _attach_devices_from_state(assembly, state)
-        assembly.vcpu_fds = [assembly.require_vm().create_vcpu(index) for index in range(state.config.vcpus)]
-        for fd, vcpu_state in zip(assembly.vcpu_fds, state.vcpus, strict=True):
+        _attach_devices_from_state(assembly, machine)
+        assembly.vcpu_fds = [assembly.require_vm().create_vcpu(index) for index in range(machine.config.vcpus)]
+        for fd, vcpu_state in zip(assembly.vcpu_fds, machine.vcpus, strict=True):
             restore_vcpu(fd, vcpu_state, assembly.kvm)
-        restore_vm_state(assembly.require_vm().fd, state.vm)
+        restore_vm_state(assembly.require_vm().fd, machine.vm)
     except BaseException:
         _release(assembly, owns_kvm=kvm is None)
         raise
-    vmm = _finish(assembly, owns_kvm=kvm is None)
-    vmm.last_snapshot = (chain[-1].directory, state.snapshot_id)
-    if track_dirty:
-        vmm.dirty.start()
-    return vmm
+    return _finish(assembly, owns_kvm=kvm is None)
 
 
 def _attach_devices_from_state(assembly: Assembly, state: MachineState) -> None:
@@ -274,4 +287,4 @@ def _attach_devices_from_state(assembly: Assembly, state: MachineState) -> None:
     assembly.port_bus.insert(DEBUG_EXIT_PORT, 4, assembly.debug_exit, "debug-exit")
 
 
-__all__ = ["RECIPE", "Assembly", "build_vm", "restore_vm"]
+__all__ = ["RECIPE", "Assembly", "assemble_vm", "build_vm", "restore_vm"]

@@ -76,7 +76,7 @@ def _list(value: object) -> list[object]:
 def resolve_guest(name_or_path: str) -> tuple[Path, GuestSpec | None]:
     """A built-in guest by name, or an ELF file by path."""
     candidate = Path(name_or_path)
-    if "/" in name_or_path or candidate.suffix == ".elf" or candidate.exists():
+    if "/" in name_or_path or candidate.suffix == ".elf" or candidate.is_file():
         return candidate, None
     catalog = load_catalog()
     if name_or_path not in catalog:

@@ -13,7 +13,7 @@ from pyrovisor.errors import PyrovisorError
 from pyrovisor.kvm import Kvm
 from pyrovisor.loader import LoadResult
 from pyrovisor.memory import GuestMemory
-from pyrovisor.vstate.dirty import DirtyTracker
+from pyrovisor.vstate.dirty import DirtyLog, DirtyTracker
 from pyrovisor.vstate.run_control import RunControl, RunOutcome, StopReason
 from pyrovisor.vstate.vcpu import Vcpu
 from pyrovisor.vstate.vm import Vm
@@ -40,6 +40,7 @@ class Vmm:
     started: bool = False
     closed: bool = False
     last_snapshot: tuple[Path, str] | None = None  # directory and id of the snapshot diffs apply to
+    snapshot_log: DirtyLog | None = None  # pages written since the last snapshot (for diffs)
     dirty: DirtyTracker = field(init=False)
 
     def __post_init__(self) -> None:
@@ -57,8 +58,9 @@ class Vmm:
         return self.control.wait(timeout)
 
     def run(self, timeout: float | None = None) -> RunOutcome:
-        """Start, wait for the guest to stop (or the timeout), stop every vCPU, return the outcome."""
-        self.start()
+        """Start (unless already started), wait for the guest to stop or the timeout, stop every vCPU."""
+        if not self.started:
+            self.start()
         outcome = self.wait(timeout)
         if outcome is None:
             self.control.finish(RunOutcome(StopReason.TIMEOUT))

@@ -28,6 +28,7 @@ class VmmProcess:
             self.process.stdin.write(stdin)
             self.process.stdin.flush()
         self.lines: list[str] = []
+        self._raw: list[str] = []
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -38,7 +39,13 @@ class VmmProcess:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             with self._lock:
+                self._raw.append(line)
                 self.lines.append(line.rstrip("\n"))
+
+    def text(self) -> str:
+        """Everything the console printed, exactly (the last line may be cut short by a pause)."""
+        with self._lock:
+            return "".join(self._raw)
 
     def snapshot_lines(self) -> list[str]:
         with self._lock:
@@ -77,6 +84,13 @@ class VmmProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def continuous_ticks(*outputs: str) -> list[int]:
+    """Ticks in console outputs that continue one another (a pause may cut a line in two)."""
+    ticks = ticks_in("".join(outputs).splitlines())
+    assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), f"ticks are not consecutive: {ticks}"
+    return ticks
 
 
 def ticks_in(lines: Sequence[str]) -> list[int]:

@@ -21,24 +21,25 @@ from pyrovisor.errors import StateError
 from pyrovisor.loader import LoadedSegment, LoadResult
 from pyrovisor.snapshot.codec import decode, encode
 from pyrovisor.snapshot.file_format import HEADER, MAX_PAYLOAD, dump_state, load_state
-from pyrovisor.snapshot.state import DeviceStates, MachineState, MemoryImage, MemoryRange
+from pyrovisor.snapshot.state import DeviceStates, MachineState, MemoryImage, MemoryRange, SnapshotState
 from pyrovisor.vstate.vcpu_state import VcpuState
 from pyrovisor.vstate.vm_state import VmState
 
 
-def sample_state() -> MachineState:
+def sample_state() -> SnapshotState:
     vcpu = VcpuState(index=0, cpuid=(CpuidEntry(1, 0, 0, 2, 3, 4, 5),), regs=b"\x01" * 144, sregs=bytes(312),
                      fpu=bytes(416), xsave=bytes(4096), xcrs=bytes(392), msrs=((0x10, 1 << 40), (0xC0000080, 0xD01)),
                      lapic=bytes(1024), events=bytes(64), mp_state=0, debugregs=bytes(128))
-    return MachineState(
-        snapshot_id="abc", created="2026-11-22T00:00:00+00:00", pyrovisor_version="0.1.0",
+    machine = MachineState(
         config=MachineConfig(kernel=Path("/guests/ticker.elf"), cmdline="ticks=3"),
         kernel=LoadResult("/guests/ticker.elf", 0x100000, None, (LoadedSegment(0x100000, 0x100000, 10, 20, 5),),
                           0x100000, 0x101000),
         ram=(RamRange(0, 64 << 20),), vm=VmState(irqchips=(bytes(520),) * 3, clock=bytes(48)), vcpus=(vcpu,),
         devices=DeviceStates(SerialState(rx_fifo=b"ab"), DebugExitState(None)),
-        memory=MemoryImage("full", "memory.img", 64 << 20, "00" * 32, (MemoryRange(0, 64 << 20, 0),)),
     )
+    return SnapshotState(snapshot_id="abc", created="2026-11-22T00:00:00+00:00", pyrovisor_version="0.1.0",
+                         machine=machine,
+                         memory=MemoryImage("full", "memory.img", 64 << 20, "00" * 32, (MemoryRange(0, 64 << 20, 0),)))
 
 
 def test_round_trip_is_exact() -> None:

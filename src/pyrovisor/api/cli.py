@@ -16,6 +16,7 @@ from pyrovisor.errors import PyrovisorError
 COMMAND_MODULES: tuple[str, ...] = (
     "pyrovisor.api.commands",
     "pyrovisor.api.snapshot_commands",
+    "pyrovisor.api.migration_commands",
     "pyrovisor.lab.cli",
 )
 

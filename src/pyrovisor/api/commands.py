@@ -98,6 +98,9 @@ def drive(vmm: Vmm, console: StdoutConsole, api_socket: Path | None, timeout: fl
     if outcome.reason is StopReason.GUEST_EXIT:
         assert outcome.exit_code is not None
         return outcome.exit_code
+    if outcome.reason is StopReason.MIGRATED:
+        Console(stderr=True).print("pyrovisor: the guest migrated away; this copy has stopped")
+        return 0
     if outcome.reason is StopReason.TIMEOUT:
         Console(stderr=True).print(f"pyrovisor: guest still running after {timeout} s: stopped")
         return TIMEOUT_EXIT_CODE

@@ -53,7 +53,8 @@ class Routes:
 
 
 class _UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+    daemon_threads = False
+    block_on_close = True  # closing waits for answers in flight (e.g. a migration's final result)
     routes: Routes
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pyrovisor.api.commands import drive
+from pyrovisor.api.migration_commands import add_ctl_verbs
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     snapshot.add_argument("path", type=Path, help="directory to create")
     snapshot.add_argument("--diff", action="store_true", help="only the pages written since the last snapshot")
     snapshot.set_defaults(handler=_ctl)
+    add_ctl_verbs(verbs)
 
 
 def _restore(args: argparse.Namespace) -> int:

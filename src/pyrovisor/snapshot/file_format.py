@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pyrovisor.errors import StateError
 from pyrovisor.snapshot.codec import decode, encode, prepare_decoder
-from pyrovisor.snapshot.state import MachineState
+from pyrovisor.snapshot.state import SnapshotState
 
 MAGIC = b"PYRVSNAP"
 FORMAT_VERSION = 1
@@ -20,10 +20,10 @@ DIGEST_SIZE = 32
 MAX_PAYLOAD = 64 << 20
 PAYLOAD_KIND = "pyrovisor-machine-state"
 
-prepare_decoder(MachineState)  # resolve the type hints now, not during a restore
+prepare_decoder(SnapshotState)  # resolve the type hints now, not during a restore
 
 
-def dump_state(state: MachineState) -> bytes:
+def dump_state(state: SnapshotState) -> bytes:
     payload = json.dumps({"kind": PAYLOAD_KIND, "state": encode(state)}, separators=(",", ":")).encode()
     if len(payload) > MAX_PAYLOAD:
         raise StateError("state file", f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD} byte cap")
@@ -31,7 +31,7 @@ def dump_state(state: MachineState) -> bytes:
     return header + payload + hashlib.sha256(header + payload).digest()
 
 
-def load_state(data: bytes, source: str) -> MachineState:
+def load_state(data: bytes, source: str) -> SnapshotState:
     """Parse and check a state file's bytes; every defect is a StateError saying what is wrong."""
     if len(data) < HEADER.size + DIGEST_SIZE:
         raise StateError(source, f"truncated: {len(data)} bytes is shorter than an empty state file")
@@ -57,10 +57,10 @@ def load_state(data: bytes, source: str) -> MachineState:
         raise StateError(source, f"payload is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or document.get("kind") != PAYLOAD_KIND or "state" not in document:
         raise StateError(source, f"payload is not a {PAYLOAD_KIND} document")
-    return decode(MachineState, document["state"], where=f"{source}: state")
+    return decode(SnapshotState, document["state"], where=f"{source}: state")
 
 
-def write_state_file(path: Path, state: MachineState) -> None:
+def write_state_file(path: Path, state: SnapshotState) -> None:
     """Write atomically: a reader sees the old file or the complete new one, never a partial one."""
     data = dump_state(state)
     temporary = path.with_name(path.name + ".partial")
@@ -71,7 +71,7 @@ def write_state_file(path: Path, state: MachineState) -> None:
     os.replace(temporary, path)
 
 
-def read_state_file(path: Path) -> MachineState:
+def read_state_file(path: Path) -> SnapshotState:
     source = str(path)
     try:
         size = path.stat().st_size

@@ -65,14 +65,23 @@ class BaseReference:
 
 @dataclass(frozen=True)
 class MachineState:
-    snapshot_id: str
-    created: str
-    pyrovisor_version: str
+    """Everything but guest memory needed to rebuild a VM (snapshots and live migration)."""
+
     config: MachineConfig
     kernel: LoadResult
     ram: tuple[RamRange, ...]
     vm: VmState
     vcpus: tuple[VcpuState, ...]
     devices: DeviceStates
+
+
+@dataclass(frozen=True)
+class SnapshotState:
+    """A state file's content: the machine, where its memory is, and what it is a diff of."""
+
+    snapshot_id: str
+    created: str
+    pyrovisor_version: str
+    machine: MachineState
     memory: MemoryImage
     base: BaseReference | None = None

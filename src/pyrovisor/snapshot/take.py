@@ -10,14 +10,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pyrovisor import __version__
-from pyrovisor.arch.x86_64.layout import RamRange
 from pyrovisor.errors import StateError
+from pyrovisor.snapshot.capture import capture_machine
 from pyrovisor.snapshot.file_format import write_state_file
 from pyrovisor.snapshot.memory_file import file_sha256, write_diff_image, write_full_image
-from pyrovisor.snapshot.state import DIFF, FULL, BaseReference, DeviceStates, MachineState
+from pyrovisor.snapshot.state import DIFF, FULL, BaseReference, SnapshotState
 from pyrovisor.vmm import Vmm
-from pyrovisor.vstate.vcpu_state import save_vcpu
-from pyrovisor.vstate.vm_state import save_vm_state
 
 STATE_FILE = "state"
 MEMORY_FILE = {FULL: "memory.img", DIFF: "memory.diff"}
@@ -43,7 +41,7 @@ def take_snapshot(vmm: Vmm, directory: Path, kind: str = FULL) -> SnapshotReport
         raise StateError(str(directory), f"unknown snapshot kind {kind!r} (full or diff)")
     if vmm.closed or vmm.outcome is not None:
         raise StateError(str(directory), "the VM has stopped; only a running or paused VM can be snapshotted")
-    if kind == DIFF and (vmm.last_snapshot is None or not vmm.dirty.active):
+    if kind == DIFF and (vmm.last_snapshot is None or vmm.snapshot_log is None):
         raise StateError(str(directory), "a diff snapshot needs an earlier snapshot of this running VM as its base")
     directory = directory.resolve()
     if directory.exists() and any(directory.iterdir()):
@@ -55,19 +53,20 @@ def take_snapshot(vmm: Vmm, directory: Path, kind: str = FULL) -> SnapshotReport
     if was_running and not vmm.pause():
         raise StateError(str(directory), "the VM stopped while it was being paused")
     try:
-        msr_indices = vmm.kvm.get_msr_index_list()
-        vcpus = tuple(save_vcpu(vcpu.fd, msr_indices) for vcpu in vmm.vcpus)
-        vm_state = save_vm_state(vmm.vm.fd)
-        devices = DeviceStates(serial=vmm.console.save(), debug_exit=vmm.debug_exit.save())
+        machine = capture_machine(vmm)
         memory_path = directory / MEMORY_FILE[kind]
         if kind == FULL:
             image = write_full_image(vmm.memory, memory_path)
             pages = sum(-(-r.size // 4096) for r in image.ranges)
         else:
-            dirty = vmm.dirty.collect_array()
+            assert vmm.snapshot_log is not None
+            dirty = vmm.snapshot_log.collect_array()
             image = write_diff_image(vmm.memory, (int(page) for page in dirty), memory_path)
             pages = len(dirty)
-        vmm.dirty.start()
+        if vmm.snapshot_log is None:
+            vmm.snapshot_log = vmm.dirty.subscribe()
+        else:
+            vmm.snapshot_log.restart()
     finally:
         paused_seconds = time.perf_counter() - started
         if was_running:
@@ -78,16 +77,11 @@ def take_snapshot(vmm: Vmm, directory: Path, kind: str = FULL) -> SnapshotReport
         assert vmm.last_snapshot is not None
         base_directory, base_id = vmm.last_snapshot
         base = BaseReference(directory=_relative(base_directory, directory), snapshot_id=base_id)
-    state = MachineState(
+    state = SnapshotState(
         snapshot_id=uuid.uuid4().hex,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         pyrovisor_version=__version__,
-        config=vmm.config,
-        kernel=vmm.kernel,
-        ram=tuple(RamRange(region.gpa, region.size) for region in vmm.memory.regions),
-        vm=vm_state,
-        vcpus=vcpus,
-        devices=devices,
+        machine=machine,
         memory=replace(image, sha256=file_sha256(memory_path)),
         base=base,
     )

@@ -16,6 +16,7 @@ class StopReason(Enum):
     SHUTDOWN = "shutdown"  # triple fault or shutdown request
     HOST_STOP = "stopped by host"
     TIMEOUT = "timeout"
+    MIGRATED = "migrated"  # the guest now runs on another host; this copy has stopped
     ERROR = "error"  # the guest did something the VMM cannot continue from
 
 

@@ -1,0 +1,129 @@
+"""Sub-commands for live migration: receive an incoming VM, and `ctl SOCKET migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pyrovisor.api.commands import drive
+from pyrovisor.arch.x86_64.layout import parse_size
+from pyrovisor.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    receive = subparsers.add_parser("receive", help="wait for a VM migrating in, then run it",
+                                    description="Listen for one incoming live migration; once the guest runs "
+                                                "here, behave like `pyrovisor run` (console, API, exit code).")
+    receive.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (or unix:PATH)")
+    receive.add_argument("--api", type=Path, metavar="SOCKET", help="serve the control API on this Unix socket")
+    receive.add_argument("--accept-timeout", type=float, help="give up if no source connects within this many seconds")
+    receive.add_argument("--timeout", type=float, help="stop the guest this many seconds after it arrives")
+    receive.set_defaults(handler=_receive)
+
+
+def add_ctl_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    migrate = verbs.add_parser("migrate", help="live-migrate the VM to a `pyrovisor receive` elsewhere")
+    migrate.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination's --listen address")
+    migrate.add_argument("--downtime-ms", type=float, default=300, help="largest acceptable pause (default 300)")
+    migrate.add_argument("--auto-converge", action="store_true", help="throttle the guest if it dirties too fast")
+    migrate.add_argument("--max-bandwidth", type=_rate, metavar="RATE",
+                         help="cap the link, in bytes per second (e.g. 50M): to emulate a slower network")
+    migrate.add_argument("--compress", choices=("lz4", "zstd"), help="compress page data")
+    migrate.add_argument("--verify", action="store_true",
+                         help="compare checksums of all guest memory at pause and at resume (longer pause)")
+    migrate.add_argument("--max-rounds", type=int, default=30, help="pre-copy rounds before the limit policy")
+    migrate.add_argument("--on-limit", choices=("switch-over", "cancel"), default="switch-over",
+                         help="at --max-rounds or --timeout-s: stop and copy anyway, or cancel")
+    migrate.add_argument("--timeout-s", type=float, default=600, help="time before the limit policy applies")
+    migrate.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    migrate.set_defaults(handler=_ctl_migrate)
+
+
+def _rate(text: str) -> float:
+    try:
+        return float(parse_size(text))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _receive(args: argparse.Namespace) -> int:
+    from pyrovisor.api.terminal import StdoutConsole
+    from pyrovisor.migration.destination import receive
+
+    console = StdoutConsole()
+    errors = Console(stderr=True)
+    arrival = receive(args.listen, console, accept_timeout=args.accept_timeout,
+                      on_listening=lambda: errors.print(f"pyrovisor: listening on {args.listen}"))
+    errors.print(f"pyrovisor: VM arrived from {arrival.source} after {arrival.rounds} rounds "
+                 f"({arrival.bytes_received / 2**20:.1f} MiB); downtime {arrival.downtime_s * 1e3:.1f} ms")
+    with arrival.vmm as vmm:
+        return drive(vmm, console, args.api, args.timeout)
+
+
+def _ctl_migrate(args: argparse.Namespace) -> int:
+    from pyrovisor.api.client import ApiClient
+    from pyrovisor.migration.stats import MigrationResult, rounds_table, summary_lines
+    from pyrovisor.snapshot.codec import decode
+
+    client = ApiClient(args.socket)
+    body = {"to": args.to, "downtime_ms": args.downtime_ms, "auto_converge": args.auto_converge,
+            "max_bandwidth": args.max_bandwidth, "compress": args.compress, "verify": args.verify,
+            "max_rounds": args.max_rounds, "on_limit": args.on_limit, "timeout_s": args.timeout_s, "wait": True}
+    outcome: dict[str, Any] = {}
+
+    def start() -> None:
+        try:
+            outcome["status"] = client.post("/migrate", body)
+        except Exception as exc:  # handed to the main thread, which raises it
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=start, daemon=True)
+    worker.start()
+    if not args.json:
+        _show_progress(client, worker)
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    status = outcome["status"]
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        console = Console()
+        if status.get("state") == "completed":
+            result = decode(MigrationResult, status["result"], "migration result")
+            console.print(rounds_table(result))
+            for line in summary_lines(result):
+                console.print(line)
+        else:
+            console.print(f"[red]migration failed[/red]: {status.get('error', status.get('state'))}; "
+                          "the VM keeps running here")
+    return 0 if status.get("state") == "completed" else 1
+
+
+def _show_progress(client: Any, worker: threading.Thread) -> None:
+    from pyrovisor.errors import ControlError
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("connecting", total=1, detail="")
+        round_start = (0, 0, 1)  # round, pages sent before it, its pages
+        while worker.is_alive():
+            try:
+                status = client.get("/migration")
+            except ControlError:
+                break
+            if status.get("round", 0) != round_start[0] or status.get("pages_left", 0) > round_start[2]:
+                round_start = (status.get("round", 0), status.get("pages_sent", 0), max(1, status.get("pages_left", 1)))
+            done = status.get("pages_sent", 0) - round_start[1]
+            bar.update(task, description=f"{status.get('phase', '?')} round {status.get('round', 0)}",
+                       total=round_start[2], completed=min(done, round_start[2]),
+                       detail=f"{status.get('pages_left', 0)} pages left, "
+                              f"{status.get('bandwidth_bytes_per_s', 0) / 1e6:.0f} MB/s")
+            time.sleep(0.1)
