@@ -131,7 +131,7 @@ def main() -> None:
         ratio = statistics.median(ratios)
         table.add_row(name, f"{c_value:.2f}", f"{py_value:.2f}", f"{ratio:.2f}", f"{ratios[0]:.2f}-{ratios[-1]:.2f}",
                       "met" if ratio <= TARGET_RATIO else "missed")
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":

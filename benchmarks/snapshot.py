@@ -156,7 +156,7 @@ def main() -> None:
             shutil.rmtree(directory)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    console = Console()
+    console = Console(width=200)
     console.print(table)
     notes.append("restore = from the restore_vm call to the vCPU thread running the guest; on this nested VM a "
                  "new thread sometimes waits ~3 ms for the idle second vCPU to wake, hence the p90")

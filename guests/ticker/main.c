@@ -56,6 +56,9 @@ static void user_main(void)
     printf_set_sink(user_write);
     for (uint64_t i = 0; i < buffer_words; i++)
         buffer[i] = pattern(i);
+    volatile uint64_t *region = (volatile uint64_t *)dirty_region();
+    for (uint64_t i = 0; i < dirty_pages * 512; i++) /* the working set holds data before the rate applies */
+        region[i] = pattern(i) + 1;
     printf("ticker: %lu MiB filled\n", (unsigned long)(buffer_words * 8 >> 20));
     long failures = 0;
     uint64_t start = rdtsc(), credit_start = start, written = 0;

@@ -17,7 +17,8 @@ from pyrovisor.devices.bus import Bus, PortBus
 from pyrovisor.devices.console import COM1_IRQ, COM1_PORT, PORT_COUNT, SerialConsole, SerialConsoleArgs
 from pyrovisor.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from pyrovisor.errors import ConfigError, KvmError, LoaderError
-from pyrovisor.kvm import Kvm, VcpuFd, uapi
+from pyrovisor.kvm import Cap, Kvm, VcpuFd, uapi
+from pyrovisor.kvm.vm import DIRTY_GFN_SIZE
 from pyrovisor.loader import LoadResult, load_elf
 from pyrovisor.loader.elf import AP_ENTRY_SYMBOL
 from pyrovisor.memory import GuestMemory, MemoryRegion
@@ -81,6 +82,18 @@ def attach_memory(assembly: Assembly) -> None:
 
 def attach_irqchip(assembly: Assembly) -> None:
     assembly.require_vm().create_irqchip()
+
+
+def enable_dirty_ring(assembly: Assembly) -> None:
+    """Per-vCPU dirty rings instead of the dirty bitmap, when the configuration asks (before any vCPU)."""
+    entries = assembly.config.dirty_ring_entries
+    if not entries:
+        return
+    limit = assembly.kvm.check_extension(Cap.DIRTY_LOG_RING)
+    if entries * DIRTY_GFN_SIZE > limit:
+        raise ConfigError("dirty ring entries", entries,
+                          "this host has no dirty ring" if not limit else f"this host allows {limit // DIRTY_GFN_SIZE}")
+    assembly.require_vm().fd.enable_cap(Cap.DIRTY_LOG_RING, entries * DIRTY_GFN_SIZE)
 
 
 def attach_legacy_devices(assembly: Assembly) -> None:
@@ -178,6 +191,7 @@ RECIPE: tuple[Callable[[Assembly], None], ...] = (
     create_vm,
     attach_memory,
     attach_irqchip,
+    enable_dirty_ring,
     attach_legacy_devices,
     load_kernel,
     load_initrd,
@@ -203,10 +217,13 @@ def _finish(assembly: Assembly, owns_kvm: bool) -> Vmm:
     assert assembly.console is not None and assembly.debug_exit is not None and assembly.kernel is not None
     vcpus = [Vcpu(index, fd, assembly.port_bus, assembly.mmio_bus, assembly.control)
              for index, fd in enumerate(assembly.vcpu_fds)]
+    ring_bytes = assembly.config.dirty_ring_entries * DIRTY_GFN_SIZE
+    rings = [fd.map_dirty_ring(ring_bytes) for fd in assembly.vcpu_fds] if ring_bytes else []
     return Vmm(
         config=assembly.config, kvm=assembly.kvm, vm=assembly.require_vm(), memory=assembly.require_memory(),
         vcpus=vcpus, port_bus=assembly.port_bus, mmio_bus=assembly.mmio_bus, control=assembly.control,
         console=assembly.console, debug_exit=assembly.debug_exit, kernel=assembly.kernel, owns_kvm=owns_kvm,
+        dirty_rings=rings,
     )
 
 
@@ -263,6 +280,7 @@ def assemble_vm(machine: MachineState, memory: GuestMemory, console_output: Call
         create_vm(assembly)
         assembly.require_vm().add_guest_memory(memory)
         attach_irqchip(assembly)
+        enable_dirty_ring(assembly)
         _attach_devices_from_state(assembly, machine)
         assembly.vcpu_fds = [assembly.require_vm().create_vcpu(index) for index in range(machine.config.vcpus)]
         for fd, vcpu_state in zip(assembly.vcpu_fds, machine.vcpus, strict=True):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyrovisor.arch.x86_64.layout import CMDLINE_MAX, MAX_VCPUS, MiB, ram_ranges
 from pyrovisor.errors import ConfigError
 
 DEFAULT_MEMORY = 64 * MiB
+MIN_DIRTY_RING_ENTRIES = 256  # KVM needs at least one page of 16-byte entries
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class MachineConfig:
     initrd: Path | None = None
     huge_pages: bool = True
     shared_memory: bool = False  # memfd backing (needed to share guest RAM with another process)
-    extra: dict[str, str] = field(default_factory=dict)
+    dirty_ring_entries: int = 0  # per-vCPU dirty ring for dirty tracking; 0: KVM's dirty bitmap
 
     def validate(self) -> None:
         ram_ranges(self.memory_size)
@@ -35,6 +36,10 @@ class MachineConfig:
             raise ConfigError("command line", self.cmdline[:40] + "...", f"longer than {CMDLINE_MAX} bytes")
         if "\0" in self.cmdline:
             raise ConfigError("command line", self.cmdline, "contains a NUL character")
+        entries = self.dirty_ring_entries
+        if entries and (entries < MIN_DIRTY_RING_ENTRIES or entries & (entries - 1)):
+            raise ConfigError("dirty ring entries", entries,
+                              f"must be 0 (bitmap) or a power of two of at least {MIN_DIRTY_RING_ENTRIES}")
 
 
 def host_memory_limit() -> int | None:

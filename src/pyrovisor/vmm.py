@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from pyrovisor.errors import PyrovisorError
 from pyrovisor.kvm import Kvm
 from pyrovisor.loader import LoadResult
 from pyrovisor.memory import GuestMemory
-from pyrovisor.vstate.dirty import DirtyLog, DirtyTracker
+from pyrovisor.vstate.dirty import DirtyLog, DirtyTracker, RingSource
 from pyrovisor.vstate.run_control import RunControl, RunOutcome, StopReason
 from pyrovisor.vstate.vcpu import Vcpu
 from pyrovisor.vstate.vm import Vm
@@ -41,10 +42,14 @@ class Vmm:
     closed: bool = False
     last_snapshot: tuple[Path, str] | None = None  # directory and id of the snapshot diffs apply to
     snapshot_log: DirtyLog | None = None  # pages written since the last snapshot (for diffs)
+    dirty_rings: list[mmap.mmap] = field(default_factory=list)  # per vCPU, when dirty rings are configured
     dirty: DirtyTracker = field(init=False)
 
     def __post_init__(self) -> None:
-        self.dirty = DirtyTracker(self.vm, self.memory)
+        source = RingSource(self.vm, self.dirty_rings) if self.dirty_rings else None
+        self.dirty = DirtyTracker(self.vm, self.memory, source)
+        for vcpu in self.vcpus:
+            vcpu.dirty_ring_full_handler = lambda _vcpu: self.dirty.harvest()
 
     def start(self) -> None:
         if self.started:
@@ -112,6 +117,9 @@ class Vmm:
         if self.started:
             self.control.finish(RunOutcome(StopReason.HOST_STOP))
             self.join()
+        self.dirty.source.release()
+        for ring in self.dirty_rings:
+            ring.close()
         for vcpu in self.vcpus:
             vcpu.fd.close()
         self.vm.close()

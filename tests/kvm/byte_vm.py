@@ -10,7 +10,7 @@ from pyrovisor.arch.x86_64 import layout
 from pyrovisor.arch.x86_64.boot import long_mode_entry
 from pyrovisor.arch.x86_64.descriptors import boot_gdt, tss_image
 from pyrovisor.arch.x86_64.paging import build_boot_page_tables
-from pyrovisor.kvm import Kvm, VcpuFd
+from pyrovisor.kvm import Cap, Kvm, VcpuFd
 from pyrovisor.memory import GuestMemory, MemoryRegion
 from pyrovisor.vstate.registers import apply_entry_state
 from pyrovisor.vstate.vm import Memslot, Vm
@@ -34,7 +34,7 @@ class ByteVm:
 
 
 @contextmanager
-def byte_vm(code: bytes, memslot_flags: int = 0, vcpu_count: int = 1) -> Iterator[ByteVm]:
+def byte_vm(code: bytes, memslot_flags: int = 0, vcpu_count: int = 1, dirty_ring_bytes: int = 0) -> Iterator[ByteVm]:
     """Run `code` at CPL0 from CODE_GPA on every vCPU (RSI = vCPU index); CPL0 is emulated on kvm_pvm hosts."""
     kvm = Kvm()
     vm = Vm(kvm)
@@ -47,6 +47,8 @@ def byte_vm(code: bytes, memslot_flags: int = 0, vcpu_count: int = 1) -> Iterato
         memory.write(layout.tss_gpa(index), tss_image())
     memory.write(CODE_GPA, code)
     slot = vm.add_memslot(memory.regions[0], memslot_flags)
+    if dirty_ring_bytes:
+        vm.fd.enable_cap(Cap.DIRTY_LOG_RING, dirty_ring_bytes)
     vcpus = [vm.create_vcpu(index) for index in range(vcpu_count)]
     for index, vcpu in enumerate(vcpus):
         vcpu.set_cpuid2(kvm.get_supported_cpuid())

@@ -18,9 +18,10 @@ TICK = re.compile(r"^tick (\d+) (ok|MISMATCH.*)$")
 class VmmProcess:
     """`pyrovisor ARGS --api SOCKET` in a child process; console lines collect in `lines`."""
 
-    def __init__(self, args: Sequence[str], socket_path: Path, stdin: str | None = None) -> None:
+    def __init__(self, args: Sequence[str], socket_path: Path, stdin: str | None = None,
+                 prefix: Sequence[str] = ()) -> None:
         self.socket_path = socket_path
-        self.process = subprocess.Popen([sys.executable, "-m", "pyrovisor", *args, "--api", str(socket_path)],
+        self.process = subprocess.Popen([*prefix, sys.executable, "-m", "pyrovisor", *args, "--api", str(socket_path)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
         if stdin is not None:

@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument("--initrd", type=Path, help="file placed in guest memory after the kernel")
     run.add_argument("--timeout", type=float, help="stop the guest after this many seconds (exit code 124)")
     run.add_argument("--api", type=Path, metavar="SOCKET", help="serve the control API on this Unix socket")
+    run.add_argument("--dirty-ring", type=int, default=0, metavar="ENTRIES",
+                     help="track dirty pages with per-vCPU rings of this many entries instead of the bitmap")
     run.set_defaults(handler=_run)
 
     guests = subparsers.add_parser("guests", help="list the built-in guests")
@@ -73,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         vcpus=args.vcpus or (spec.vcpus if spec else 1),
         cmdline=args.cmdline if args.cmdline is not None else (spec.args if spec else ""),
         initrd=args.initrd or (spec.initrd if spec else None),
+        dirty_ring_entries=args.dirty_ring,
     )
     console = StdoutConsole()
     with build_vm(config, console) as vmm:

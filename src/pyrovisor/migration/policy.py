@@ -50,13 +50,16 @@ class ConvergencePolicy(Protocol):
 
 @dataclass(frozen=True)
 class PrecopyPolicy:
-    """The default policy, QEMU-like.
+    """The default policy.
 
-    Switch over as soon as the pages left can be sent within `downtime_limit_s` at the measured
-    bandwidth. After `max_rounds` rounds or `timeout_s` seconds, switch over anyway or cancel
-    (`on_limit`). With `auto_converge`, whenever the guest dirties memory at half the link's speed or
-    more, throttle its vCPUs harder (`throttle_initial`, then `+throttle_increment`, up to
-    `throttle_max`).
+    Never switch over while the pages left would take longer than `downtime_limit_s` to send at the
+    measured bandwidth. Within that limit, keep iterating while each round at least halves what is
+    left (`shrink_needed`), so a converging guest is paused as briefly as its writable working set
+    allows; switch over when rounds stop shrinking or the rest fits in `converged_downtime_s`. With
+    `iterate_while_shrinking=False` this is QEMU's rule: switch as soon as the rest fits the limit.
+    After `max_rounds` rounds or `timeout_s` seconds, switch over anyway or cancel (`on_limit`).
+    With `auto_converge`, whenever the guest dirties memory at half the link's speed or more,
+    throttle its vCPUs harder (`throttle_initial`, then `+throttle_increment`, up to `throttle_max`).
     """
 
     downtime_limit_s: float = 0.3
@@ -68,6 +71,9 @@ class PrecopyPolicy:
     throttle_increment: float = 0.1
     throttle_max: float = 0.99
     state_transfer_s: float = 0.005  # device state and resume, on top of the last pages
+    iterate_while_shrinking: bool = True
+    shrink_needed: float = 0.5  # a round must leave at most this fraction of what it sent to be worth another
+    converged_downtime_s: float = 0.002
 
     def __post_init__(self) -> None:
         if self.on_limit not in ("switch-over", "cancel"):
@@ -83,8 +89,13 @@ class PrecopyPolicy:
         last = history[-1]
         downtime = self.expected_downtime(last)
         if downtime <= self.downtime_limit_s:
-            return Decision(Action.SWITCH_OVER, last.throttle_target,
-                            f"{last.dirty_pages} pages left: ~{downtime * 1e3:.0f} ms")
+            shrinking = last.pages_sent > 0 and last.dirty_pages <= self.shrink_needed * last.pages_sent
+            converged = downtime - self.state_transfer_s <= self.converged_downtime_s
+            if not self.iterate_while_shrinking or converged or not shrinking:
+                why = "converged" if converged else ("within the limit" if not self.iterate_while_shrinking
+                                                     else "rounds stopped shrinking")
+                return Decision(Action.SWITCH_OVER, last.throttle_target,
+                                f"{last.dirty_pages} pages left, ~{downtime * 1e3:.1f} ms: {why}")
         if len(history) >= self.max_rounds or elapsed_s >= self.timeout_s:
             limit = f"{len(history)} rounds" if len(history) >= self.max_rounds else f"{elapsed_s:.0f} s"
             if self.on_limit == "cancel":
