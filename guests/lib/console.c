@@ -20,3 +20,10 @@ void console_write(const char *text, size_t length)
 }
 
 void console_putc(char c) { console_write(&c, 1); }
+
+void console_reset(void)
+{
+    outb(CONSOLE_PORT + 3, 0x03); /* LCR: 8N1, divisor latch off */
+    outb(CONSOLE_PORT + 1, 0x00); /* IER: no interrupts */
+    outb(CONSOLE_PORT + 4, 0x0B); /* MCR: DTR, RTS, OUT2; loopback off */
+}

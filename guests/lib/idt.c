@@ -76,7 +76,8 @@ void exception_dispatch(struct exception_frame *frame)
     int length = snprintf(line, sizeof line, "EXCEPTION: vector=%lu (%s) error=%#lx rip=%#lx cr2=%#lx cs=%#lx\n",
                           frame->vector, exception_name((unsigned)frame->vector), frame->error_code, frame->rip,
                           cr2, frame->cs);
-    /* Straight to the console, not through printf's sink, which may point at a user-mode path. */
+    /* Straight to a known-good console, not through printf's sink, which may point at a user-mode path. */
+    console_reset();
     console_write(line, (size_t)length < sizeof line ? (size_t)length : sizeof line - 1);
     guest_exit(EXIT_EXCEPTION_CODE);
 }

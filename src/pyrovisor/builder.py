@@ -18,7 +18,7 @@ from pyrovisor.devices.console import COM1_IRQ, COM1_PORT, PORT_COUNT, SerialCon
 from pyrovisor.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from pyrovisor.errors import ConfigError, KvmError, LoaderError
 from pyrovisor.kvm import Cap, Kvm, VcpuFd, uapi
-from pyrovisor.kvm.vm import DIRTY_GFN_SIZE
+from pyrovisor.kvm.vm import DIRTY_GFN_SIZE, IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE
 from pyrovisor.loader import LoadResult, load_elf
 from pyrovisor.loader.elf import AP_ENTRY_SYMBOL
 from pyrovisor.memory import GuestMemory, MemoryRegion
@@ -80,8 +80,21 @@ def attach_memory(assembly: Assembly) -> None:
     assembly.require_vm().add_guest_memory(assembly.memory)
 
 
+PIC_VECTOR_BASES = {IRQCHIP_PIC_MASTER: 0x20, IRQCHIP_PIC_SLAVE: 0x28}
+
+
 def attach_irqchip(assembly: Assembly) -> None:
-    assembly.require_vm().create_irqchip()
+    """The in-kernel LAPICs, IOAPIC and PICs, the PICs left as PC firmware leaves them: remapped above
+    the exception vectors (0x20-0x2f) with every line masked. Untouched, KVM's PICs deliver IRQ n as
+    vector n, so a guest enabling a device interrupt would see it as a CPU exception."""
+    vm = assembly.require_vm()
+    vm.create_irqchip()
+    for chip_id, base in PIC_VECTOR_BASES.items():
+        chip = vm.fd.get_irqchip(chip_id)
+        chip.chip.pic.irq_base = base
+        chip.chip.pic.imr = 0xFF
+        chip.chip.pic.init4 = 1
+        vm.fd.set_irqchip(chip)
 
 
 def enable_dirty_ring(assembly: Assembly) -> None:
@@ -279,7 +292,7 @@ def assemble_vm(machine: MachineState, memory: GuestMemory, console_output: Call
     try:
         create_vm(assembly)
         assembly.require_vm().add_guest_memory(memory)
-        attach_irqchip(assembly)
+        assembly.require_vm().create_irqchip()  # its state is restored below
         enable_dirty_ring(assembly)
         _attach_devices_from_state(assembly, machine)
         assembly.vcpu_fds = [assembly.require_vm().create_vcpu(index) for index in range(machine.config.vcpus)]

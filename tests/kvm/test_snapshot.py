@@ -256,3 +256,21 @@ def test_snapshot_refuses_to_overwrite_and_diff_needs_a_base(tmp_path: Path) -> 
         take_snapshot(vmm, tmp_path / "full")
         with pytest.raises(StateError, match="never overwritten"):
             take_snapshot(vmm, tmp_path / "full")
+
+
+def test_hostile_guest_snapshot_restores_its_garbled_devices(tmp_path: Path) -> None:
+    """A guest that fills the UART and buses with garbage is snapshotted mid-way and finishes after restore."""
+    config = MachineConfig(kernel=load_catalog()["chaos"].elf, memory_size=32 << 20,
+                           cmdline="operations=60000 seed=7")
+    with build_vm(config, lambda data: None) as vmm:
+        vmm.start()
+        time.sleep(1.0)
+        take_snapshot(vmm, tmp_path / "snap")
+        assert vmm.wait(120) is not None
+    state_at_snapshot = load_chain(tmp_path / "snap")[-1].state.machine.devices.serial
+    output = bytearray()
+    with restore_vm(tmp_path / "snap", output.extend) as restored:
+        assert restored.console.save() == state_at_snapshot
+        outcome = restored.run(timeout=120)
+    assert outcome.exit_code == 0, output[-300:]
+    assert b"PASS: 60000 random device accesses" in output

@@ -8,6 +8,8 @@
 #define CONSOLE_PORT 0x3F8
 
 void console_write(const char *text, size_t length);
+/* Back to 8N1, no loopback, no interrupts: whatever state the UART was left in, output works again. */
+void console_reset(void);
 void console_putc(char c);
 
 #endif
