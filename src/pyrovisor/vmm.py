@@ -12,6 +12,7 @@ from pyrovisor.devices.console import SerialConsole
 from pyrovisor.devices.debug_exit import DebugExit
 from pyrovisor.errors import PyrovisorError
 from pyrovisor.kvm import Kvm
+from pyrovisor.kvm.coalesced import CoalescedRing
 from pyrovisor.loader import LoadResult
 from pyrovisor.memory import GuestMemory
 from pyrovisor.vstate.dirty import DirtyLog, DirtyTracker, RingSource
@@ -43,6 +44,7 @@ class Vmm:
     last_snapshot: tuple[Path, str] | None = None  # directory and id of the snapshot diffs apply to
     snapshot_log: DirtyLog | None = None  # pages written since the last snapshot (for diffs)
     dirty_rings: list[mmap.mmap] = field(default_factory=list)  # per vCPU, when dirty rings are configured
+    coalesced: CoalescedRing | None = None
     dirty: DirtyTracker = field(init=False)
 
     def __post_init__(self) -> None:
@@ -50,6 +52,18 @@ class Vmm:
         self.dirty = DirtyTracker(self.vm, self.memory, source)
         for vcpu in self.vcpus:
             vcpu.dirty_ring_full_handler = lambda _vcpu: self.dirty.harvest()
+
+    def register_coalesced(self, address: int, length: int, pio: bool = False) -> None:
+        """Let KVM buffer guest writes to [address, address+length) instead of exiting for each one.
+
+        The device there must not need to answer immediately: reads still exit, and buffered writes
+        reach it at the next exit (in order, before that exit is handled) or when the VM pauses.
+        """
+        self.vm.fd.register_coalesced_mmio(address, length, pio)
+        if self.coalesced is None:
+            self.coalesced = CoalescedRing(self.vcpus[0].fd.coalesced_mmio_ring())
+            for vcpu in self.vcpus:
+                vcpu.coalesced = self.coalesced
 
     def start(self) -> None:
         if self.started:
@@ -118,6 +132,8 @@ class Vmm:
             self.control.finish(RunOutcome(StopReason.HOST_STOP))
             self.join()
         self.dirty.source.release()
+        if self.coalesced is not None:
+            self.coalesced.close()
         for ring in self.dirty_rings:
             ring.close()
         for vcpu in self.vcpus:

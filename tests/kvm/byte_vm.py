@@ -10,7 +10,7 @@ from pyrovisor.arch.x86_64 import layout
 from pyrovisor.arch.x86_64.boot import long_mode_entry
 from pyrovisor.arch.x86_64.descriptors import boot_gdt, tss_image
 from pyrovisor.arch.x86_64.paging import build_boot_page_tables
-from pyrovisor.kvm import Cap, Kvm, VcpuFd
+from pyrovisor.kvm import Cap, Kvm, VcpuFd, uapi
 from pyrovisor.memory import GuestMemory, MemoryRegion
 from pyrovisor.vstate.registers import apply_entry_state
 from pyrovisor.vstate.vm import Memslot, Vm
@@ -34,7 +34,8 @@ class ByteVm:
 
 
 @contextmanager
-def byte_vm(code: bytes, memslot_flags: int = 0, vcpu_count: int = 1, dirty_ring_bytes: int = 0) -> Iterator[ByteVm]:
+def byte_vm(code: bytes, memslot_flags: int = 0, vcpu_count: int = 1, dirty_ring_bytes: int = 0,
+            irqchip: bool = False, manual_dirty_protect: bool = False) -> Iterator[ByteVm]:
     """Run `code` at CPL0 from CODE_GPA on every vCPU (RSI = vCPU index); CPL0 is emulated on kvm_pvm hosts."""
     kvm = Kvm()
     vm = Vm(kvm)
@@ -46,6 +47,10 @@ def byte_vm(code: bytes, memslot_flags: int = 0, vcpu_count: int = 1, dirty_ring
     for index in range(vcpu_count):
         memory.write(layout.tss_gpa(index), tss_image())
     memory.write(CODE_GPA, code)
+    if manual_dirty_protect:
+        vm.fd.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+    if irqchip:
+        vm.create_irqchip()
     slot = vm.add_memslot(memory.regions[0], memslot_flags)
     if dirty_ring_bytes:
         vm.fd.enable_cap(Cap.DIRTY_LOG_RING, dirty_ring_bytes)
@@ -82,6 +87,17 @@ JMP_SELF = b"\xeb\xfe"
 INC_QWORD_RBX = b"\x48\xff\x03"  # inc qword [rbx]
 JMP_BACK_5 = b"\xeb\xfb"  # jmp to the instruction 5 bytes before the next one
 LEA_RBX_RSI8_PLUS = b"\x48\x8d\x1c\xf5"  # lea rbx, [rsi*8 + disp32]
+INC_EAX = b"\xff\xc0"
+DEC_ECX = b"\xff\xc9"
+
+
+def mov_ecx(value: int) -> bytes:
+    return b"\xb9" + imm32(value)
+
+
+def jnz_back(distance: int) -> bytes:
+    """jnz to `distance` bytes before the end of this 2-byte instruction."""
+    return b"\x75" + (-distance & 0xFF).to_bytes(1, "little")
 
 
 def mov_al(value: int) -> bytes:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pyrovisor.devices.bus import Bus
 from pyrovisor.errors import GuestError, PyrovisorError
 from pyrovisor.kvm import VcpuFd
+from pyrovisor.kvm.coalesced import CoalescedRing
 from pyrovisor.kvm.exits import (
     Debug,
     DirtyRingFull,
@@ -82,6 +83,7 @@ class Vcpu:
         self.counters = ExitCounters()
         self.debug_handler: DebugHandler | None = None
         self.dirty_ring_full_handler: Callable[[Vcpu], None] | None = None
+        self.coalesced: CoalescedRing | None = None  # set when a coalesced MMIO/PIO zone is registered
         self._thread: threading.Thread | None = None
         self.entered_run_loop_at: float | None = None  # perf_counter() when the thread began running the guest
         control.register(self.kick)
@@ -139,9 +141,12 @@ class Vcpu:
         while not control.stop_requested:
             if control.pause_requested:
                 complete_pending_io(self.fd)  # so state read while parked is consistent
+                self.apply_coalesced()  # devices must have seen every buffered write before a snapshot
                 control.park()
                 continue
             vm_exit = run()
+            if self.coalesced is not None and self.coalesced.pending():
+                self.apply_coalesced()  # buffered writes happened before this exit
             if isinstance(vm_exit, IoOut):
                 counters.io += 1
                 size, data = vm_exit.size, vm_exit.data
@@ -166,6 +171,14 @@ class Vcpu:
             else:
                 counters.other += 1
                 self._handle_rare_exit(vm_exit)
+
+    def apply_coalesced(self) -> None:
+        """Deliver the writes KVM buffered in the coalesced ring to the buses, oldest first."""
+        if self.coalesced is None:
+            return
+        for write in self.coalesced.drain():
+            bus = self.port_bus if write.pio else self.mmio_bus
+            bus.write(write.address, len(write.data), int.from_bytes(write.data, "little"))
 
     def _handle_rare_exit(self, vm_exit: VcpuExit) -> None:
         finish = self.control.finish
