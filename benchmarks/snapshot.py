@@ -5,10 +5,12 @@ real data), snapshotted while it runs. Every restore runs in a fresh Python proc
 nothing else warm) and is timed from the call to `restore_vm` to the moment the vCPU thread starts
 running the guest. The baseline is what a user would do without pyrovisor's lazy restore: read the
 whole memory file into memory (timed in the same fresh-process way, page cache dropped for the file).
-QEMU cannot serve as the baseline: its -kernel loader needs a PVH or multiboot entry, which these
-guests (entered in long mode by the VMM) do not have.
+QEMU (when installed: apt-get install qemu-system-x86) saves and restores the same guest in the same
+run — it boots the same ELF through the guest library's PVH entry; save is `stop` + `migrate` to a
+file, restore is a fresh `-incoming defer` QEMU, `migrate-incoming` from the file and `cont`, timed
+to the status `running`.
 
-Run: python benchmarks/snapshot.py [--sizes 256M,1G] [--repeats 5]
+Run: python benchmarks/snapshot.py [--sizes 256M,1G] [--repeats 5] [--no-qemu]
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console
 from rich.table import Table
@@ -92,16 +96,54 @@ def p90_of(runs: list[dict[str, float]]) -> float:
     return values[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
 
 
+def qemu_save_restore(size: int, scratch: Path, repeats: int) -> dict[str, float]:
+    """QEMU saving the same running guest to a file, and restoring it to running (median of `repeats`)."""
+    from qemu_baseline import Qemu
+
+    from pyrovisor.catalog import load_catalog
+
+    elf = load_catalog()["ticker"].elf
+    args = guest_args(size)
+    state = scratch / "qemu.state"
+    source = Qemu(elf, size >> 20, args)
+    try:
+        source.wait_console("tick 2 ok")
+        started = time.perf_counter()
+        source.execute("stop")
+        source.execute("migrate", uri=f"exec:cat > {state}")
+        if source.wait_migration()["status"] != "completed":
+            raise RuntimeError("QEMU could not save the guest")
+        save_ms = (time.perf_counter() - started) * 1e3
+    finally:
+        source.close()
+    restores = []
+    for _ in range(repeats):
+        _drop_cache(state)
+        target = Qemu(elf, size >> 20, args, incoming="defer")
+        try:
+            started = time.perf_counter()
+            target.execute("migrate-incoming", uri=f"exec:cat {state}")
+            target.wait_status("paused")
+            target.execute("cont")
+            restores.append((target.wait_status("running") - started) * 1e3)
+        finally:
+            target.close()
+    state.unlink()
+    return {"save_ms": save_ms, "restore_ms": statistics.median(restores)}
+
+
+def guest_args(size: int) -> str:
+    return f"ticks=0 period_ms=10 buffer_mib={size // 4 >> 20}"
+
+
 def make_snapshot(size: int, directory: Path) -> dict[str, float]:
     from pyrovisor.builder import build_vm
     from pyrovisor.catalog import load_catalog
     from pyrovisor.config import MachineConfig
     from pyrovisor.snapshot.take import take_snapshot
 
-    buffer_mib = size // 4 >> 20
     output = bytearray()
-    config = MachineConfig(kernel=load_catalog()["ticker"].elf, memory_size=size,
-                           cmdline=f"ticks=0 period_ms=10 buffer_mib={buffer_mib}")
+    config = MachineConfig(kernel=load_catalog()["ticker"].elf, memory_size=size, cmdline=guest_args(size))
     with build_vm(config, output.extend) as vmm:
         vmm.start()
         deadline = time.monotonic() + 60
@@ -118,6 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="256M,1G", help="guest memory sizes, comma separated")
     parser.add_argument("--repeats", type=int, default=11, help="fresh-process runs per figure (median)")
+    parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU baseline")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -127,11 +170,15 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    from qemu_baseline import qemu_available
+
     from pyrovisor.arch.x86_64.layout import parse_size
+
+    qemu_missing = "skipped (--no-qemu)" if args.no_qemu else qemu_available()
 
     table = Table(title=f"snapshot save and restore (restores: median of {args.repeats} fresh processes)")
     for column in ("guest", "save: paused", "save: total", "image on disk", "restore lazy (p90)", "restore eager",
-                   "baseline: read file", "lazy vs baseline"):
+                   "baseline: read file", "lazy vs baseline", "QEMU: save", "QEMU: restore", "lazy vs QEMU"):
         table.add_column(column, justify="right")
     verdicts: list[str] = []
     notes: list[str] = []
@@ -145,10 +192,14 @@ def main() -> None:
             lazy, imports = median_of(lazy_runs), median_of(lazy_runs, "imports_ms")
             eager = median_of([in_fresh_process("eager", directory) for _ in range(args.repeats)])
             read = median_of([in_fresh_process("read", directory) for _ in range(args.repeats)])
+            qemu = ("-", "-", "-")
+            if qemu_missing is None:
+                baseline = qemu_save_restore(size, scratch, args.repeats)
+                qemu = (f"{baseline['save_ms']:.0f} ms", f"{baseline['restore_ms']:.0f} ms",
+                        f"{baseline['restore_ms'] / lazy:.0f}x faster")
             table.add_row(text, f"{saved['paused_ms']:.0f} ms", f"{saved['total_ms']:.0f} ms",
                           f"{saved['on_disk_mib']:.0f} MiB", f"{lazy:.2f} ms ({p90_of(lazy_runs):.1f})",
-                          f"{eager:.1f} ms", f"{read:.1f} ms",
-                          f"{read / lazy:.0f}x faster")
+                          f"{eager:.1f} ms", f"{read:.1f} ms", f"{read / lazy:.0f}x faster", *qemu)
             notes.append(f"{text}: importing pyrovisor before a restore takes {imports:.0f} ms (not included)")
             if size == 1 << 30:
                 verdicts.append(f"lazy restore at 1 GiB: {lazy:.2f} ms (target ≤ {TARGET_LAZY_MS_AT_1G} ms: "
@@ -158,6 +209,8 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     console = Console(width=200)
     console.print(table)
+    if qemu_missing is not None:
+        notes.append(f"QEMU baseline: {qemu_missing}")
     notes.append("restore = from the restore_vm call to the vCPU thread running the guest; on this nested VM a "
                  "new thread sometimes waits ~3 ms for the idle second vCPU to wake, hence the p90")
     for line in notes + verdicts:
