@@ -83,12 +83,12 @@ class RadixTable:
         return written + 1
 
     def unmap(self, page: int) -> bool:
-        node: int | None = self.root
+        node = self.root
         for level in range(self.levels - 1):
-            assert node is not None
-            node = self.nodes[node].get(self._index(page, level))
-            if node is None:
+            child = self.nodes[node].get(self._index(page, level))
+            if child is None:
                 return False
+            node = child
         return self.nodes[node].pop(self._index(page, self.levels - 1), None) is not None
 
     def walk(self, page: int) -> tuple[int | None, list[int]]:
