@@ -8,7 +8,12 @@ retention period after which every row has been refreshed) the victim accumulate
 and a cell flips when D reaches its own threshold and it holds its charged value (a disturbance only
 drains charge, so a "true" cell can flip 1 -> 0 and an "anti" cell 0 -> 1). Refresh restores the charge,
 so the count starts again in every window. The weakest cell of the slice has the chip's published
-first-flip threshold HC_first; other vulnerable cells have thresholds log-uniformly spread above it.
+first-flip threshold HC_first; other vulnerable cells (a share v of all cells) have thresholds spread
+log-uniformly over d decades above it, so the probability that a given cell flips in one window is
+
+    p_flip(D) = v * clamp(log10(D / HC_first) / d, 0, 1) * c
+
+with c the share of cells that hold their charged value (1/2 for random data).
 The activation count within one window is capped by the DRAM timing: at most tREFW / tRC activations,
 1,300K for DDR3 in Park et al. (so a double-sided attack gets at most 650K per aggressor row).
 
@@ -86,6 +91,16 @@ class BankSlice:
     true_cell_fraction: float = 0.5  # assumed
     max_activations_per_window: int = DDR3_ACTIVATIONS_PER_WINDOW
     seed: int = 1
+
+    def flip_probability(self, disturbance: int, charged_share: float = 0.5) -> float:
+        """p_flip(D) = v * clamp(log10(D / HC_first) / d, 0, 1) * c, for one cell in one refresh window."""
+        if disturbance < self.first_flip_activations:
+            return 0.0
+        if self.threshold_decades == 0:
+            reached = 1.0
+        else:
+            reached = min(1.0, np.log10(disturbance / self.first_flip_activations) / self.threshold_decades)
+        return self.vulnerable_fraction * float(reached) * charged_share
 
     def __post_init__(self) -> None:
         if self.victim_rows < 1 or self.words_per_row < 1:
@@ -250,15 +265,15 @@ def sweep_table(profile: DramProfile, slice_: BankSlice, outcomes: list[HammerOu
     rows = []
     for o in outcomes:
         rows.append((f"{o.activations_per_aggressor:,}" + (" cap" if o.capped else ""),
-                     f"{o.disturbance:,}", round(o.time_ms, 2), o.flipped_bits,
-                     o.corrected, o.detected, o.silent))
+                     f"{o.disturbance:,}", round(o.time_ms, 2), f"{slice_.flip_probability(o.disturbance):.1e}",
+                     o.flipped_bits, o.corrected, o.detected, o.silent))
     return Table(
         title=f"Hammering {slice_.victim_rows} victim rows x {slice_.words_per_row} ECC words, "
               f"{profile.description}",
-        columns=("ACTs/aggressor", "ACTs/victim", "ms", "flips", "corrected", "MCE", "silent"),
+        columns=("ACTs/aggressor", "ACTs/victim", "ms", "p_flip", "flips", "corrected", "MCE", "silent"),
         rows=tuple(rows),
-        notes=("ACTs/victim: activations of the adjacent rows in one window; ms: time they take; "
-               "corrected / MCE (machine check) / silent: words by ECC outcome.",
+        notes=("ACTs/victim: activations of the adjacent rows in one window; ms: time they take; p_flip: "
+               "chance a cell flips (random data); corrected / MCE (machine check) / silent: words by ECC outcome.",
                f"HC_first = {profile.first_flip_activations:,} adjacent-row activations per {REFRESH_WINDOW_MS:g} ms "
                f"refresh window ({profile.source}); at most {slice_.max_activations_per_window:,} "
                "activations fit in a window (Park et al. 2014).",

@@ -108,6 +108,17 @@ def test_ecc_memory_sees_the_same_outcomes_as_the_vectorised_count(bank: DramBan
     assert (memory.log.corrected - silent, detected, silent) == (result.corrected, result.detected, result.silent)
 
 
+def test_flip_rate_matches_the_cell_model() -> None:
+    slice_ = BankSlice(victim_rows=32, words_per_row=512, first_flip_activations=9_600,
+                       vulnerable_fraction=0.02, seed=3)
+    bank = DramBank(slice_)
+    cells = 32 * 512 * 72
+    for disturbance in (9_600, 30_000, 96_000, 300_000, 1_300_000):
+        observed = bank.hammer(disturbance // 2).flipped_bits / cells
+        expected = slice_.flip_probability(disturbance)
+        assert observed == pytest.approx(expected, abs=4 * (expected / cells) ** 0.5 + 2 / cells), disturbance
+
+
 def test_default_sweep_spans_threshold_to_cap() -> None:
     counts = default_hammer_counts(98_000, 1_300_000, 2)
     assert counts[0] == 24_500 and 49_000 in counts and counts[-1] == 650_000
