@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.table import Table
 
 from pyrovisor.arch.x86_64.cpuid import CpuidEntry
 from pyrovisor.arch.x86_64.layout import parse_size
 from pyrovisor.errors import ConfigError
+from pyrovisor.output import console as output_console
 
 if TYPE_CHECKING:
     from pyrovisor.api.terminal import StdoutConsole
@@ -102,14 +102,14 @@ def drive(vmm: Vmm, console: StdoutConsole, api_socket: Path | None, timeout: fl
         assert outcome.exit_code is not None
         return outcome.exit_code
     if outcome.reason is StopReason.MIGRATED:
-        Console(stderr=True).print("pyrovisor: the guest migrated away; this copy has stopped")
+        output_console(stderr=True).print("pyrovisor: the guest migrated away; this copy has stopped")
         return 0
     if outcome.reason is StopReason.TIMEOUT:
-        Console(stderr=True).print(f"pyrovisor: guest still running after {timeout} s: stopped")
+        output_console(stderr=True).print(f"pyrovisor: guest still running after {timeout} s: stopped")
         return TIMEOUT_EXIT_CODE
     if outcome.error is not None:
         raise outcome.error
-    Console(stderr=True).print(f"pyrovisor: {outcome.describe()}")
+    output_console(stderr=True).print(f"pyrovisor: {outcome.describe()}")
     return 0 if outcome.reason is StopReason.HOST_STOP else 1
 
 
@@ -121,7 +121,7 @@ def _guests(args: argparse.Namespace) -> int:
         table.add_column(column)
     for spec in load_catalog().values():
         table.add_row(spec.name, spec.description, f"{spec.memory_size >> 20} MiB", str(spec.vcpus), spec.args)
-    Console().print(table)
+    output_console().print(table)
     return 0
 
 
@@ -129,7 +129,7 @@ def _info(args: argparse.Namespace) -> int:
     from pyrovisor.kvm import Kvm, loaded_kvm_modules
     from pyrovisor.kvm.caps import CAPABILITY_USES
 
-    console = Console()
+    console = output_console()
     with Kvm() as kvm:
         facts = Table(title="KVM on this host", show_header=False)
         facts.add_column("fact")

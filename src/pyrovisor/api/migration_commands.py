@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pyrovisor.api.commands import drive
 from pyrovisor.arch.x86_64.layout import parse_size
 from pyrovisor.errors import ConfigError
+from pyrovisor.output import console as output_console
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,7 +58,7 @@ def _receive(args: argparse.Namespace) -> int:
     from pyrovisor.migration.destination import receive
 
     console = StdoutConsole()
-    errors = Console(stderr=True)
+    errors = output_console(stderr=True)
     arrival = receive(args.listen, console, accept_timeout=args.accept_timeout,
                       on_listening=lambda: errors.print(f"pyrovisor: listening on {args.listen}"))
     errors.print(f"pyrovisor: VM arrived from {arrival.source} after {arrival.rounds} rounds "
@@ -95,7 +95,7 @@ def _ctl_migrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
     else:
-        console = Console()
+        console = output_console()
         if status.get("state") == "completed":
             result = decode(MigrationResult, status["result"], "migration result")
             console.print(rounds_table(result))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table as RichTable
+
+from pyrovisor.output import console as output_console
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,7 +31,7 @@ def _list_models(args: argparse.Namespace) -> int:
     table.add_column("what it computes")
     for name, model in discover().items():
         table.add_row(name, model.summary)
-    Console().print(table)
+    output_console().print(table)
     return 0
 
 
@@ -42,5 +43,5 @@ def _run_model(args: argparse.Namespace) -> int:
     print_result(result)
     if args.plot is not None:
         save_plot(result, args.plot)
-        Console().print(f"plot written to {args.plot}")
+        output_console().print(f"plot written to {args.plot}")
     return 0

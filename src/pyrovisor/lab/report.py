@@ -9,6 +9,7 @@ from rich.table import Table as RichTable
 
 from pyrovisor.errors import ConfigError
 from pyrovisor.lab.model import LabResult, Table, format_number
+from pyrovisor.output import console as output_console
 
 
 def render_table(table: Table, console: Console) -> None:
@@ -23,7 +24,7 @@ def render_table(table: Table, console: Console) -> None:
 
 
 def print_result(result: LabResult, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or output_console()
     for table in result.tables:
         render_table(table, console)
     for line in result.summary:
