@@ -102,3 +102,15 @@ def test_keyboard_input_reaches_the_guest_uart() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "echo: typed by a user" in result.stdout
+
+
+def test_triple_fault_is_reported_not_crashed_on(tmp_path: Path) -> None:
+    """ud2 with the boot IDT (limit 0): #UD cannot be delivered, #DF neither: the CPU shuts down."""
+    source, obj, elf = tmp_path / "fault.s", tmp_path / "fault.o", tmp_path / "fault.elf"
+    source.write_text(".code64\n.globl _start\n_start: ud2\n")
+    subprocess.run(["as", "--64", "-o", str(obj), str(source)], check=True)
+    subprocess.run(["ld", "-static", "-N", "-Ttext=0x100000", "-e", "_start", "-o", str(elf), str(obj)], check=True)
+    result = pyrovisor("run", str(elf), "--timeout", "30")
+    assert result.returncode == 1
+    assert result.stderr.startswith("pyrovisor: error: vCPU 0: shutdown") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
