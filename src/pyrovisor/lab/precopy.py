@@ -108,7 +108,10 @@ def precopy_rounds(memory_bytes: float, ratio: float, threshold_bytes: float, ma
         return 1
     if ratio >= 1.0:
         return max_rounds
-    n = max(1, math.ceil(math.log(threshold_bytes / memory_bytes) / math.log(ratio))) if threshold_bytes > 0 else max_rounds
+    if threshold_bytes <= 0:
+        return max_rounds
+    n = max(1, math.ceil((math.log(threshold_bytes) - math.log(memory_bytes)) / math.log(ratio)))
+    n = min(n, max_rounds + 1)
     while n > 1 and memory_bytes * ratio ** (n - 1) <= threshold_bytes:  # guard the float logarithms
         n -= 1
     while n < max_rounds and memory_bytes * ratio**n > threshold_bytes:
