@@ -15,7 +15,7 @@ from pyrovisor.lab.sev import PARK_NATIVE, PARK_VIRTUALIZED, WALKS, Latencies, W
 
 rates = st.floats(0.0, 1.0)
 latencies = st.builds(Latencies, cache=st.floats(1, 100), memory=st.floats(100, 1000), decryption=st.floats(0, 300),
-                      page_table_hit_rate=rates, data_hit_rate=rates, walks_per_access=st.floats(0, 2),
+                      page_table_hit_rate=rates, data_hit_rate=rates, walks_per_access=st.one_of(st.just(0.0), st.floats(1e-3, 2)),
                       host_encrypts=st.booleans())
 walks = st.sampled_from(WALKS)
 
