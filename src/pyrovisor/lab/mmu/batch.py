@@ -42,6 +42,8 @@ from pyrovisor.lab.mmu.x86 import PagingSide
 
 PARALLEL_MINIMUM = 300_000  # accesses per stretch below which one process is faster
 WARM_UP_MINIMUM = 10_000  # accesses simulated before a stretch only to fill its caches
+WALK_SAMPLE = 50_000
+PARALLEL_WALK_RATE = 0.3  # below this many walks per access, one process keeps up
 
 
 def simulate(machine: Machine, config: MmuConfig, trace: np.ndarray, workers: int | None = None) -> WalkCounts:
@@ -75,9 +77,9 @@ def _warmed_stretch(machine: Machine, config: MmuConfig, virtual: np.ndarray, fi
 
 
 def _walks_often(virtual: np.ndarray, config: MmuConfig) -> bool:
-    """Whether more processes are worth starting: most accesses change TLB page (not a streaming trace)."""
-    pages = virtual >> config.tlb_page_shift
-    return len(pages) > 1 and int(np.count_nonzero(pages[1:] != pages[:-1])) > len(pages) // 4
+    """Whether more processes are worth starting: the TLB misses often on a sample from the trace's start."""
+    sample = virtual[:WALK_SAMPLE] >> config.tlb_page_shift
+    return len(sample) > 0 and float(np.mean(~lru_hits(sample, config.tlb))) > PARALLEL_WALK_RATE
 
 
 def available_workers() -> int:
