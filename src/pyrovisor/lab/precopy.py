@@ -32,8 +32,8 @@ Migration of Virtual Machines", HPDC 2011 (the pre-copy model: V_mem, R, D, rati
 V_thd, rounds n, V_mig, T_mig, T_down = T_n + T_resume; its refined model adds the WWS, which this
 simulator replaces by a page-level simulation). C. Clark, K. Fraser, S. Hand, J. G. Hansen, E. Jul,
 C. Limpach, I. Pratt, A. Warfield, "Live Migration of Virtual Machines", NSDI 2005 (iterative
-pre-copy; the writable working set). Default bandwidth, memory, working set and rates are assumptions
-chosen to match `benchmarks/migration.py` (1 GiB guest, 256 MiB working set, 0-200 MB/s).
+pre-copy; the writable working set). The default bandwidth (1 Gbit/s) is an assumption; the default
+memory, working set and dirty rates are those of `benchmarks/migration.py` (1 GiB, 256 MiB, 0-200 MB/s).
 """
 
 from __future__ import annotations
