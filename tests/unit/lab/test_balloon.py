@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from png_check import assert_real_png
 
 from pyrovisor.errors import ConfigError
 from pyrovisor.lab.balloon import (
@@ -24,15 +25,6 @@ from pyrovisor.lab.balloon import (
     simulate,
     target_allocations,
 )
-
-
-def assert_real_png(path: Path) -> None:
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600
-    assert float(pixels[..., :3].std()) > 0.05
 
 
 def test_paper_defaults_and_formula() -> None:

@@ -7,20 +7,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from png_check import assert_real_png
 
 from pyrovisor.errors import ConfigError
 from pyrovisor.lab.false_sharing import MEASURED_SLOWDOWN, TRANSFER_NS, WRITE_NS, Costs, simulate
 
 costs = st.builds(Costs, write_ns=st.floats(0.1, 20), transfer_ns=st.floats(0, 200), translate_ns=st.floats(0, 500))
 
-
-def assert_real_png(path: Path) -> None:
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600
-    assert float(pixels[..., :3].std()) > 0.05
 
 
 def test_two_threads_without_translation_pay_two_transfers_per_pair_of_writes() -> None:

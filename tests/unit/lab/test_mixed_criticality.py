@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from png_check import assert_real_png
 
 from pyrovisor.lab.mixed_criticality import (
     TICKS_PER_MS,
@@ -21,15 +22,6 @@ from pyrovisor.lab.mixed_criticality import (
     response_time,
     simulate,
 )
-
-
-def assert_real_png(path: Path) -> None:
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600
-    assert float(pixels[..., :3].std()) > 0.05
 
 
 def periodic(name: str, priority: int, c: int, t: int) -> Task:

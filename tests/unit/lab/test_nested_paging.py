@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from png_check import assert_real_png
 
 from pyrovisor.arch.x86_64.paging import TranslationFault, walk
 from pyrovisor.errors import ConfigError
@@ -33,14 +34,6 @@ SIDES = [PagingSide(levels, size) for levels, size in itertools.product((4, 5), 
 SMALL_CACHES = MmuConfig(tlb=CacheGeometry(16, 4), pwc=CacheGeometry(2), nested_tlb=CacheGeometry(4),
                          nested_pwc=CacheGeometry(2))
 
-
-def assert_real_png(path: Path) -> None:
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600
-    assert float(pixels[..., :3].std()) > 0.05
 
 
 @pytest.mark.parametrize(("guest", "host"), list(itertools.product(SIDES, SIDES)), ids=str)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from png_check import assert_real_png
 
 from pyrovisor.errors import ConfigError
 from pyrovisor.lab.permissions import (
@@ -27,16 +28,6 @@ from pyrovisor.lab.permissions import (
     permission_string,
     synthetic_table,
 )
-
-
-def assert_real_png(path: Path) -> None:
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600
-    assert float(pixels[..., :3].std()) > 0.05  # not a blank canvas
-
 
 # Intel SDM Vol. 3C 28.2.3.1, written out for all eight values of bits 2:0.
 EXPECTED_WITH_CAPABILITY = {

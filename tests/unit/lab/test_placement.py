@@ -7,6 +7,7 @@ from pathlib import Path as FilePath
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from png_check import assert_real_png
 
 from pyrovisor.lab.placement import (
     SRIOV_LINE_RATE_GBPS,
@@ -18,15 +19,6 @@ from pyrovisor.lab.placement import (
     default_cluster,
     place,
 )
-
-
-def assert_real_png(path: FilePath) -> None:
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600
-    assert float(pixels[..., :3].std()) > 0.05
 
 
 @st.composite

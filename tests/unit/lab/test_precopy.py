@@ -8,20 +8,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from png_check import assert_real_png
 
 from pyrovisor.errors import ConfigError
 from pyrovisor.lab.precopy import MB, MiB, precopy_rounds, predict, simulate
 
 GiB = 1 << 30
 
-
-def assert_real_png(path: Path) -> None:
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600
-    assert float(pixels[..., :3].std()) > 0.05
 
 
 def iterate(memory: float, bandwidth: float, dirty: float, limit: float, max_rounds: int) -> tuple[int, list[float]]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from png_check import assert_real_png
 
 from pyrovisor.lab import ecc
 from pyrovisor.lab.bitflips import BufferMemory, EccMemory, MachineCheck
@@ -18,16 +19,6 @@ from pyrovisor.lab.rowhammer import (
     DramBank,
     default_hammer_counts,
 )
-
-
-def assert_real_png(path: Path) -> None:
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert path.stat().st_size > 20_000
-    pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600
-    assert float(pixels[..., :3].std()) > 0.05  # not a blank canvas
 
 
 def test_published_thresholds() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from png_check import assert_real_png
 
 from pyrovisor.errors import ConfigError
 from pyrovisor.lab.mmu.config import MmuConfig
@@ -19,14 +20,6 @@ latencies = st.builds(Latencies, cache=st.floats(1, 100), memory=st.floats(100, 
                       host_encrypts=st.booleans())
 walks = st.sampled_from(WALKS)
 
-
-def assert_real_png(path: Path) -> None:
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600
-    assert float(pixels[..., :3].std()) > 0.05
 
 
 def test_hits_are_plaintext_and_misses_pay_decryption() -> None:
