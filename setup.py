@@ -1,6 +1,7 @@
 """Build hook: compile the freestanding guests with the system gcc before packaging them."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -14,7 +15,7 @@ class BuildPyWithGuests(build_py):
     """Run `make -C guests` so the guest ELFs ship as package data (editable installs included)."""
 
     def run(self) -> None:
-        subprocess.run(["make", "-C", str(ROOT / "guests"), f"OUT={GUEST_OUT}"], check=True)
+        subprocess.run(["make", "-C", str(ROOT / "guests"), f"OUT={GUEST_OUT}", f"PYTHON={sys.executable}"], check=True)
         super().run()
 
 

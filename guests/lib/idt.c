@@ -1,54 +1,18 @@
 /* The IDT: exception gates to the stubs in exceptions.S; unhandled exceptions report and stop the VM. */
 #include <pyrovisor/console.h>
 #include <pyrovisor/cpu.h>
+#include <pyrovisor/gate.h>
 #include <pyrovisor/idt.h>
 #include <pyrovisor/printf.h>
 #include <pyrovisor/report.h>
 
-struct __attribute__((packed)) gate {
-    uint16_t offset_low;
-    uint16_t selector;
-    uint8_t ist;
-    uint8_t type_attributes;
-    uint16_t offset_middle;
-    uint32_t offset_high;
-    uint32_t reserved;
-};
-
-#define IDT_ENTRIES 256
-#define GATE_INTERRUPT 0x8E
-
-static struct gate idt[IDT_ENTRIES] __attribute__((aligned(16)));
+static struct idt_gate idt[IDT_ENTRIES] __attribute__((aligned(16)));
 static exception_hook hooks[EXCEPTION_VECTORS];
 extern const uint64_t exception_stubs[EXCEPTION_VECTORS];
 
-static const char *const names[EXCEPTION_VECTORS] = {
-    "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow", "#BR bound range",
-    "#UD invalid opcode", "#NM device not available", "#DF double fault", "coprocessor segment overrun",
-    "#TS invalid TSS", "#NP segment not present", "#SS stack fault", "#GP general protection",
-    "#PF page fault", "reserved", "#MF x87 error", "#AC alignment check", "#MC machine check",
-    "#XM SIMD error", "#VE virtualization", "#CP control protection",
-};
-
-const char *exception_name(unsigned vector)
-{
-    if (vector < sizeof names / sizeof names[0] && names[vector])
-        return names[vector];
-    return "reserved";
-}
-
 void idt_set_gate(unsigned vector, void (*handler)(void), unsigned dpl)
 {
-    uint64_t address = (uint64_t)handler;
-    idt[vector] = (struct gate){
-        .offset_low = (uint16_t)address,
-        .selector = KERNEL_CS,
-        .ist = 0,
-        .type_attributes = (uint8_t)(GATE_INTERRUPT | (dpl << 5)),
-        .offset_middle = (uint16_t)(address >> 16),
-        .offset_high = (uint32_t)(address >> 32),
-        .reserved = 0,
-    };
+    idt[vector] = interrupt_gate((uint64_t)handler, dpl);
 }
 
 void idt_init(void)

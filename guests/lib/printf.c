@@ -67,6 +67,17 @@ int vsnprintf(char *buffer, size_t size, const char *format, va_list args)
         int width = 0;
         while (*p >= '0' && *p <= '9')
             width = width * 10 + (*p++ - '0');
+        int precision = -1; /* %.Ns and %.*s: at most N characters of the string */
+        if (*p == '.') {
+            p++;
+            precision = 0;
+            if (*p == '*') {
+                precision = va_arg(args, int);
+                p++;
+            }
+            while (*p >= '0' && *p <= '9')
+                precision = precision * 10 + (*p++ - '0');
+        }
         int longs = 0;
         while (*p == 'l' || *p == 'z') {
             longs++;
@@ -101,12 +112,12 @@ int vsnprintf(char *buffer, size_t size, const char *format, va_list args)
             if (!text)
                 text = "(null)";
             int length = 0;
-            while (text[length])
+            while ((precision < 0 || length < precision) && text[length])
                 length++;
             if (!left)
                 for (; length < width; width--)
                     emit(&out, ' ');
-            for (int i = 0; text[i]; i++)
+            for (int i = 0; i < length; i++)
                 emit(&out, text[i]);
             if (left)
                 for (; length < width; width--)

@@ -80,11 +80,13 @@ pvh_long_mode:
     mov %eax, %gs
     mov $BOOT_STACK_TOP, %esp
     mov %esi, %edi                        /* pvh_setup(start_info) returns the boot info address */
-    call pvh_setup
+    movabs $pvh_setup, %rax               /* absolute: the guest may be linked far from here (kernel map) */
+    call *%rax
     mov %rax, %rdi
     xor %esi, %esi                        /* vCPU 0 */
     mov $BOOT_STACK_TOP, %esp
-    jmp _start
+    movabs $_start, %rax
+    jmp *%rax
 
     .section .rodata.pvh, "a"
     .p2align 3

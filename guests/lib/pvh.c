@@ -36,6 +36,15 @@ struct hvm_start_info {
 extern char __image_start[], __image_end[];
 void *pvh_setup(const struct hvm_start_info *start);
 
+#define KERNEL_MAP_BASE 0xFFFFFFFF80000000ull
+
+/* Guests linked at the kernel map report their image by kernel-map address: make it physical. */
+static uint64_t physical(const void *address)
+{
+    uint64_t value = (uint64_t)address;
+    return value >= KERNEL_MAP_BASE ? value - KERNEL_MAP_BASE : value;
+}
+
 static uint32_t tsc_khz_from_cpuid(void)
 {
     uint32_t eax, ebx, ecx, edx;
@@ -70,7 +79,7 @@ void *pvh_setup(const struct hvm_start_info *start)
     /* RAM as pyrovisor describes it: from 0 to the end of the RAM range holding the image. */
     const struct hvm_memmap_entry *map = (const struct hvm_memmap_entry *)start->memmap_paddr;
     for (uint32_t i = 0; i < start->memmap_entries && boot->nr_ram_ranges < PYROVISOR_MAX_RAM_RANGES; i++) {
-        if (map[i].type != E820_RAM || map[i].addr + map[i].size <= (uint64_t)__image_end)
+        if (map[i].type != E820_RAM || map[i].addr + map[i].size <= physical(__image_end))
             continue;
         uint64_t base = boot->nr_ram_ranges ? map[i].addr : 0;
         boot->ram[boot->nr_ram_ranges].gpa = base;
@@ -82,8 +91,8 @@ void *pvh_setup(const struct hvm_start_info *start)
         boot->initrd_gpa = module->paddr;
         boot->initrd_size = module->size;
     }
-    boot->kernel_start = (uint64_t)__image_start;
-    boot->kernel_end = (uint64_t)__image_end;
+    boot->kernel_start = physical(__image_start);
+    boot->kernel_end = physical(__image_end);
     boot->page_tables_gpa = PAGE_TABLES_GPA;
     boot->page_tables_size = PAGE_TABLES_PAGES * 4096;
     boot->tsc_khz = tsc_khz_from_cpuid();

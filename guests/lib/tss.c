@@ -48,4 +48,10 @@ void tss_allow_ports(unsigned cpu, uint16_t first, uint16_t count)
         tss_table[cpu].iomap[port / 8] &= (uint8_t)~(1u << (port % 8));
 }
 
+void tss_deny_ports(unsigned cpu, uint16_t first, uint16_t count)
+{
+    for (unsigned port = first; port < (unsigned)first + count && port < TSS_IOMAP_PORTS; port++)
+        tss_table[cpu].iomap[port / 8] |= (uint8_t)(1u << (port % 8));
+}
+
 void tss_set_rsp0(unsigned cpu, uint64_t rsp0) { tss_table[cpu].tss.rsp[0] = rsp0; }

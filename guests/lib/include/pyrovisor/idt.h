@@ -5,9 +5,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include <pyrovisor/gate.h>
+
 #define VECTOR_GENERAL_PROTECTION 13
 #define VECTOR_PAGE_FAULT 14
-#define EXCEPTION_VECTORS 32
 
 /* What the entry stubs save, lowest address first. */
 struct exception_frame {
@@ -22,6 +23,5 @@ typedef bool (*exception_hook)(struct exception_frame *frame);
 void idt_init(void);
 void idt_set_hook(unsigned vector, exception_hook hook);
 void idt_set_gate(unsigned vector, void (*handler)(void), unsigned dpl);
-const char *exception_name(unsigned vector);
 
 #endif

@@ -1,4 +1,5 @@
-/* Formatted output: %d %i %u %x %X %p %s %c %%, with l/ll/z sizes, width and the 0, - and # flags. */
+/* Formatted output: %d %i %u %x %X %p %s %c %%, with l/ll/z sizes, width, the 0, - and # flags, and a
+   precision for strings (%.5s, %.*s). */
 #ifndef PYROVISOR_PRINTF_H
 #define PYROVISOR_PRINTF_H
 

@@ -13,6 +13,7 @@
    user mode, and loads TR. Under kvm_pvm the bitmap is what governs CPL3 port access (IOPL is ignored). */
 void tss_init(const struct pyrovisor_boot_info *boot, unsigned cpu, uint64_t rsp0);
 void tss_allow_ports(unsigned cpu, uint16_t first, uint16_t count);
+void tss_deny_ports(unsigned cpu, uint16_t first, uint16_t count);
 void tss_set_rsp0(unsigned cpu, uint64_t rsp0);
 
 #endif

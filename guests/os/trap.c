@@ -1,0 +1,134 @@
+/* The IDT and the one C entry point for every trap: timer ticks, system calls (both paths), demand-zero
+   page faults, and reports of kernel exceptions and unhandled user faults (which stop the VM). */
+#include <pyrovisor/console.h>
+#include <pyrovisor/cpu.h>
+#include <pyrovisor/gate.h>
+
+#include "kernel.h"
+
+static struct idt_gate idt[IDT_ENTRIES] __attribute__((aligned(16)));
+volatile uint32_t kernel_lock; /* 0: free, else 1 + the holding vCPU */
+
+static const char *vector_name(uint64_t vector)
+{
+    return vector == VECTOR_TIMER ? "timer" : exception_name((unsigned)vector);
+}
+
+static void set_gate(unsigned vector, uint64_t handler) { idt[vector] = interrupt_gate(handler, 0); }
+
+void idt_setup(void)
+{
+    for (unsigned vector = 0; vector < EXCEPTION_VECTORS; vector++)
+        set_gate(vector, vector_stubs[vector]);
+    set_gate(VECTOR_TIMER, vector_stubs[EXCEPTION_VECTORS]);
+    set_gate(VECTOR_WAKEUP, vector_stubs[EXCEPTION_VECTORS + 1]);
+    set_gate(VECTOR_SPURIOUS, (uint64_t)spurious_entry);
+    idt_load();
+}
+
+void idt_load(void)
+{
+    struct descriptor_pointer pointer = {sizeof idt - 1, (uint64_t)idt};
+    load_idt(&pointer);
+}
+
+void klock(unsigned cpu)
+{
+    for (;;) {
+        uint32_t expected = 0;
+        if (__atomic_compare_exchange_n(&kernel_lock, &expected, cpu + 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            return;
+        while (kernel_lock)
+            cpu_relax();
+    }
+}
+
+void kunlock(void) { __atomic_store_n(&kernel_lock, 0, __ATOMIC_RELEASE); }
+
+bool klock_held_by(unsigned cpu) { return kernel_lock == cpu + 1; }
+
+static void __attribute__((noreturn)) kernel_exception(const struct trap_frame *frame, unsigned cpu)
+{
+    uint64_t cr2 = read_cr2();
+    console_reset();
+    kprintf("KERNEL EXCEPTION: vector %lu (%s) error %#lx rip %#lx cr2 %#lx cs %#lx on vCPU %u\n", frame->vector,
+            vector_name(frame->vector), frame->error_code, frame->rip, cr2, frame->cs, cpu);
+    kernel_stop(OS_EXIT_EXCEPTION);
+}
+
+void fatal_user_fault(struct trap_frame *frame, struct process *process, const char *why)
+{
+    uint64_t cr2 = read_cr2();
+    console_reset();
+    kprintf("USER FAULT: pid %u (%s) vector %lu (%s) error %#lx rip %#lx cr2 %#lx rsp %#lx%s%s\n", process->pid,
+            process->name, frame->vector, vector_name(frame->vector), frame->error_code, frame->rip, cr2, frame->rsp,
+            why ? ": " : "", why ? why : "");
+    kprintf("os: stopping the VM: unhandled fault in pid %u\n", process->pid);
+    kernel_stop(OS_EXIT_EXCEPTION);
+}
+
+void trap_handler(struct trap_frame *frame);
+
+void trap_handler(struct trap_frame *frame)
+{
+    unsigned cpu = this_cpu();
+    uint64_t vector = frame->vector;
+    if (vector == VECTOR_WAKEUP) { /* only wakes a vCPU out of HLT */
+        lapic_eoi();
+        return;
+    }
+    if (!(frame->cs & 3)) {
+        if (klock_held_by(cpu)) {
+            /* A fault inside the kernel, typically a system call touching user memory: map it if it is
+               demand-zero memory of the current process, otherwise the process passed a bad address. */
+            struct process *process = cpus[cpu].current;
+            uint64_t address = read_cr2();
+            if (vector == VECTOR_PAGE_FAULT && process && address < USER_TOP) {
+                if (mm_handle_fault(process->mm, address, frame->error_code))
+                    return;
+                fatal_user_fault(frame, process, "bad address passed to a system call");
+            }
+            kernel_exception(frame, cpu);
+        }
+        if (vector != VECTOR_TIMER)
+            kernel_exception(frame, cpu);
+        klock(cpu); /* a tick while idle */
+        lapic_eoi();
+        timer_tick(cpu, frame);
+        kunlock();
+        return;
+    }
+
+    klock(cpu);
+    struct process *process = cpus[cpu].current;
+    switch (vector) {
+    case VECTOR_TIMER:
+        lapic_eoi();
+        timer_tick(cpu, frame);
+        break;
+    case VECTOR_SYSCALL:
+        cpus[cpu].syscalls_direct++;
+        syscall_dispatch(cpu, process, frame);
+        break;
+    case VECTOR_GENERAL_PROTECTION:
+        if (frame->rip == USER_ENTRY_VA) {
+            /* kvm_pvm: the SYSCALL target ran with user privilege and its SWAPGS trapped. Continue as if
+               SYSCALL had entered CPL0: return to RCX with the flags SYSCALL saved in R11. */
+            frame->rip = frame->rcx;
+            frame->rflags = frame->r11;
+            frame->cs = USER_CS;
+            frame->ss = USER_DS;
+            syscall_dispatch(cpu, process, frame);
+            break;
+        }
+        fatal_user_fault(frame, process, 0);
+    case VECTOR_PAGE_FAULT:
+        process->page_faults++;
+        if (mm_handle_fault(process->mm, read_cr2(), frame->error_code))
+            break;
+        fatal_user_fault(frame, process, 0);
+    default:
+        fatal_user_fault(frame, process, 0);
+    }
+    kunlock();
+}
