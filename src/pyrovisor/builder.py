@@ -16,6 +16,7 @@ from pyrovisor.config import MachineConfig
 from pyrovisor.devices.bus import Bus, PortBus
 from pyrovisor.devices.console import COM1_IRQ, COM1_PORT, PORT_COUNT, SerialConsole, SerialConsoleArgs
 from pyrovisor.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
+from pyrovisor.devices.page_discard import PAGE_DISCARD_PORT, PAGE_DISCARD_PORTS, PageDiscard
 from pyrovisor.errors import ConfigError, KvmError, LoaderError
 from pyrovisor.kvm import Cap, Kvm, VcpuFd, uapi
 from pyrovisor.kvm.vm import DIRTY_GFN_SIZE, IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE
@@ -120,6 +121,16 @@ def attach_legacy_devices(assembly: Assembly) -> None:
 
     assembly.debug_exit = DebugExit(guest_exit)
     assembly.port_bus.insert(DEBUG_EXIT_PORT, 4, assembly.debug_exit, "debug-exit")
+    _attach_page_discard(assembly)
+
+
+def _attach_page_discard(assembly: Assembly) -> None:
+    """Pages a guest gives back read as zero afterwards. They are zeroed through GuestMemory, so dirty
+    tracking (snapshots, migration) sees the change; unmapping them (`GuestMemory.discard`) would not be
+    seen, and in lazily restored memory would bring back the snapshot's bytes."""
+    memory = assembly.require_memory()
+    device = PageDiscard(memory.read, lambda gpa, size: memory.fill(gpa, size, 0))
+    assembly.port_bus.insert(PAGE_DISCARD_PORT, PAGE_DISCARD_PORTS, device, "page-discard")
 
 
 def load_kernel(assembly: Assembly) -> None:
@@ -316,6 +327,7 @@ def _attach_devices_from_state(assembly: Assembly, state: MachineState) -> None:
 
     assembly.debug_exit = DebugExit.restore(guest_exit, state.devices.debug_exit)
     assembly.port_bus.insert(DEBUG_EXIT_PORT, 4, assembly.debug_exit, "debug-exit")
+    _attach_page_discard(assembly)
 
 
 __all__ = ["RECIPE", "Assembly", "assemble_vm", "build_vm", "restore_vm"]
