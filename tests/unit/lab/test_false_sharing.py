@@ -29,11 +29,11 @@ def test_two_threads_without_translation_pay_two_transfers_per_pair_of_writes() 
 
 def test_calibration_to_this_machine() -> None:
     inc, lock = Costs(WRITE_NS["inc"], TRANSFER_NS), Costs(WRITE_NS["lock inc"], TRANSFER_NS)
-    assert inc.slowdown(2) == pytest.approx(MEASURED_SLOWDOWN["inc"])  # the fitted ratio
-    implied_lock_cost = (MEASURED_SLOWDOWN["inc"] / 2 - 1) / (MEASURED_SLOWDOWN["lock inc"] / 2 - 1)
-    assert implied_lock_cost == pytest.approx(4.42, abs=0.01)  # lock inc / inc if one transfer cost explains both
-    assert lock.slowdown(2) == pytest.approx(9.64, abs=0.01)  # predicted, against 11.5 measured
-    assert abs(lock.slowdown(2) - MEASURED_SLOWDOWN["lock inc"]) / MEASURED_SLOWDOWN["lock inc"] < 0.2
+    assert lock.slowdown(2) == pytest.approx(MEASURED_SLOWDOWN["lock inc"])  # the fitted ratio
+    assert TRANSFER_NS == pytest.approx(2.255)  # effective ns per write: far below a real line transfer
+    # Plain stores batch in the store buffer: the every-write-transfers rule overestimates them four-fold.
+    assert inc.slowdown(2) == pytest.approx(17.03, abs=0.01)
+    assert inc.slowdown(2) > 4 * MEASURED_SLOWDOWN["inc"]
 
 
 @settings(max_examples=60, deadline=None)
@@ -73,9 +73,9 @@ def test_cli_prints_tables_and_writes_a_plot(tmp_path: Path, capsys: pytest.Capt
     out = capsys.readouterr().out
     lines = out.splitlines()
     row = next(line for line in lines if line.startswith("│      inc │       2 │"))
-    assert [cell.strip() for cell in row.strip("│").split("│")][4] == "44"
+    assert [cell.strip() for cell in row.strip("│").split("│")][4] == "17.03"
     row = next(line for line in lines if "nested walk, cold (24 refs)" in line and "│" in line)
     cells = [cell.strip() for cell in row.strip("│ ").split("│")]
     assert cells[1] == "24" and float(cells[2]) < 1.5  # 24 references x 0.1 walks x 10 ns hide almost all of it
-    assert "measured on this machine 44x" in out
+    assert "measured on this machine (os-falseshare) 4x" in out
     assert_real_png(png)
