@@ -30,7 +30,7 @@ def test_two_threads_without_translation_pay_two_transfers_per_pair_of_writes() 
 def test_calibration_to_this_machine() -> None:
     inc, lock = Costs(WRITE_NS["inc"], TRANSFER_NS), Costs(WRITE_NS["lock inc"], TRANSFER_NS)
     assert lock.slowdown(2) == pytest.approx(MEASURED_SLOWDOWN["lock inc"])  # the fitted ratio
-    assert TRANSFER_NS == pytest.approx(2.255)  # effective ns per write: far below a real line transfer
+    assert round(TRANSFER_NS, 3) == 2.255  # effective ns per write: far below a real line transfer
     # Plain stores batch in the store buffer: the every-write-transfers rule overestimates them four-fold.
     assert inc.slowdown(2) == pytest.approx(17.03, abs=0.01)
     assert inc.slowdown(2) > 4 * MEASURED_SLOWDOWN["inc"]
