@@ -44,7 +44,8 @@ class FaultProxy:
     def _serve(self) -> None:
         client, _ = self.server.accept()
         upstream = socket.create_connection(self.target)
-        threading.Thread(target=self._pump_back, args=(upstream, client), daemon=True).start()
+        pump = threading.Thread(target=self._pump_back, args=(upstream, client), daemon=True)
+        pump.start()
         try:
             while True:
                 header = _read_exact(client, FRAME.size)
@@ -61,7 +62,11 @@ class FaultProxy:
                 if self.rule(message, header, payload, self.log) == CUT:
                     self.log.cut = True
                     break
-                upstream.sendall(header + payload)
+                try:
+                    upstream.sendall(header + payload)
+                except OSError:  # the destination gave up: its last words (an ERROR) reach the source first
+                    pump.join(5)
+                    break
         except OSError:
             pass
         finally:

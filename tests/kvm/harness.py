@@ -1,4 +1,5 @@
-"""Test harness: a pyrovisor process with a control socket, its console read line by line."""
+"""Test harness: a pyrovisor process with a control socket, its console read line by line, and readers
+for the witnesses the guests print: the OS's `counter` beats and `memcheck` passes, the `ticker`'s ticks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,20 @@ from pathlib import Path
 from pyrovisor.api.client import ApiClient
 
 TICK = re.compile(r"^tick (\d+) (ok|MISMATCH.*)$")
+BEAT = re.compile(r"^counter (?P<pid>\d+): beat (?P<beat>\d+) at (?P<ms>\d+) ms on vCPU \d+$")
+MEMCHECK_PASS = re.compile(r"^memcheck (?P<pid>\d+): pass (?P<number>\d+) (?P<result>ok|FAILED)")
+MEMDIRTY_STARTED = re.compile(r"^memdirty \d+: \d+ pages at 0x\w+", re.MULTILINE)
+
+# The OS guest's liveness and integrity witnesses with a dirtier (docs/guest-os.md): a heartbeat every
+# 20 ms, an 8 MiB pattern re-verified every 20 ms, and 32 MiB rewritten at 10000 pages/s (~40 MB/s),
+# all running until stopped.
+OS_WORKLOAD = ("counter count=0 period_ms=20; memcheck mib=8 passes=0 interval_ms=20; "
+               "memdirty pages=8192 rate=10000 seconds=0")
+
+
+def os_run_args(programs: str = OS_WORKLOAD, memory: str = "128M", vcpus: int = 2) -> list[str]:
+    """`pyrovisor run` arguments for the OS guest running `programs`."""
+    return ["run", "os", "--memory", memory, "--vcpus", str(vcpus), "--args", programs]
 
 
 class VmmProcess:
@@ -69,6 +84,18 @@ class VmmProcess:
     def wait_for_tick(self, number: int, timeout: float = 30) -> None:
         self.wait_for(lambda: any(tick >= number for tick in self.ticks()), f"tick {number}", timeout)
 
+    def beats(self) -> list[int]:
+        return [beat for beat, _ in beats_in(self.snapshot_lines())]
+
+    def wait_for_beat(self, number: int, timeout: float = 30) -> None:
+        self.wait_for(lambda: any(beat >= number for beat in self.beats()), f"counter beat {number}", timeout)
+
+    def wait_for_os_workload(self, beats: int = 5, timeout: float = 30) -> None:
+        """Until memdirty has filled its working set (it dirties at its rate from then on) and the counter
+        has beaten `beats` times."""
+        self.wait_for(lambda: MEMDIRTY_STARTED.search(self.text()) is not None, "memdirty to start", timeout)
+        self.wait_for_beat(max(self.beats(), default=0) + beats, timeout)
+
     def finish(self, timeout: float = 30) -> tuple[int, str]:
         """Wait for the process to end; returns its exit code and stderr."""
         try:
@@ -102,3 +129,38 @@ def ticks_in(lines: Sequence[str]) -> list[int]:
             assert match.group(2) == "ok", f"memory check failed: {line}"
             numbers.append(int(match.group(1)))
     return numbers
+
+
+def beats_in(lines: Sequence[str]) -> list[tuple[int, int]]:
+    """The counter's (beat, guest milliseconds) in console lines; one counter process expected."""
+    found = [match for match in map(BEAT.match, lines) if match]
+    assert len({match["pid"] for match in found}) <= 1, "one counter process"
+    return [(int(match["beat"]), int(match["ms"])) for match in found]
+
+
+def continuous_beats(*outputs: str) -> list[tuple[int, int]]:
+    """The counter's beats in console outputs that continue one another (a pause may cut a line in two):
+    numbered without a gap or a restart, at guest times that never go back."""
+    beats = beats_in("".join(outputs).splitlines())
+    numbers, times = [beat for beat, _ in beats], [ms for _, ms in beats]
+    assert numbers and numbers == list(range(numbers[0], numbers[0] + len(numbers))), f"beats not consecutive: {numbers}"
+    assert times == sorted(times), f"guest time went back: {times}"
+    return beats
+
+
+def assert_guest_continued(before: str, after: str, beats_after: int = 10) -> None:
+    """The OS guest went on from console `before` (a source, or a VM up to its snapshot) in `after` (the
+    destination, or the restored VM): the counter without a reset or a gap, memcheck passing again."""
+    last_beat, last_pass = beats_in(before.splitlines())[-1][0], max(memcheck_passes(before))
+    beats = continuous_beats(before, after)
+    assert beats[-1][0] >= last_beat + beats_after, f"the counter went on: {beats[-1]} after beat {last_beat}"
+    passes = memcheck_passes(before + after)
+    assert passes == list(range(1, len(passes) + 1)) and passes[-1] > last_pass, "memcheck verified again"
+
+
+def memcheck_passes(text: str) -> list[int]:
+    """The numbers of memcheck's verification passes in `text`; fails on any mismatch it reported."""
+    assert "MISMATCH" not in text and "FAIL" not in text, f"memcheck found damage:\n{text[-2000:]}"
+    found = [match for match in map(MEMCHECK_PASS.match, text.splitlines()) if match]
+    assert all(match["result"] == "ok" for match in found)
+    return [int(match["number"]) for match in found]
