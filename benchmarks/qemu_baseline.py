@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -27,14 +28,17 @@ def qemu_available() -> str | None:
 class Qemu:
     """One QEMU process with a QMP socket; the guest's console goes to a file."""
 
-    def __init__(self, kernel: Path, memory_mib: int, cmdline: str, incoming: str | None = None) -> None:
+    def __init__(self, kernel: Path, memory_mib: int, cmdline: str, incoming: str | None = None,
+                 initrd: Path | None = None, vcpus: int = 1) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="pyrovisor-qemu-"))
         self.qmp_path = self.scratch / "qmp.sock"
         self.console_path = self.scratch / "console.log"
-        command = [QEMU, "-accel", "kvm", "-m", f"{memory_mib}M", "-nographic", "-no-reboot", "-net", "none",
-                   "-nodefaults", "-serial", f"file:{self.console_path}", "-kernel", str(kernel),
+        command = [QEMU, "-accel", "kvm", "-m", f"{memory_mib}M", "-smp", str(vcpus), "-nographic", "-no-reboot",
+                   "-net", "none", "-nodefaults", "-serial", f"file:{self.console_path}", "-kernel", str(kernel),
                    "-append", cmdline, "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if initrd is not None:  # the OS guest's programs (PVH passes it as a module)
+            command += ["-initrd", str(initrd)]
         if incoming is not None:
             command += ["-incoming", incoming]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -82,9 +86,10 @@ class Qemu:
     def console(self) -> str:
         return self.console_path.read_text(errors="replace") if self.console_path.exists() else ""
 
-    def wait_console(self, text: str, timeout: float = 120) -> None:
+    def wait_console(self, text: str | re.Pattern[str], timeout: float = 120) -> None:
+        """Until the console shows `text` (a string, or a compiled pattern searched for)."""
         deadline = time.monotonic() + timeout
-        while text not in self.console():
+        while not (text.search(self.console()) if isinstance(text, re.Pattern) else text in self.console()):
             if time.monotonic() > deadline or self.process.poll() is not None:
                 raise RuntimeError(f"QEMU guest never printed {text!r}: {self.console()[-500:]}")
             time.sleep(0.02)
