@@ -96,6 +96,8 @@ static void kernel_options(const struct segment *segment)
             os_options.quiet = option_u32(&option, 0, 1);
         else if (OPTION_IS(&option, "faultaround"))
             os_options.faultaround = option_u32(&option, 1, 512);
+        else if (OPTION_IS(&option, "keepmm"))
+            os_options.keepmm = option_u32(&option, 0, 1);
     }
 }
 
@@ -184,21 +186,24 @@ static void list_programs(void)
     kprintf("\n");
 }
 
-static void spawn(const struct segment *segment, int program)
+/* A process running `program` with the segment's arguments; 0 when the process table is full. */
+static struct process *spawn(const struct segment *segment, int program, uint32_t parent)
 {
     const struct archive_entry *entry = &archive_entries[program];
     struct mm *mm = mm_create();
-    if (!mm) {
-        kprintf("os: too many processes (at most %u)\n", MAX_PROCS);
-        kernel_stop(OS_EXIT_PANIC);
-    }
+    if (!mm)
+        return 0;
     /* The image straight from the archive, read-only and shared: nothing is copied at CPL0. */
     mm_map_range(mm, entry->load_va, archive_phys + entry->offset, entry->image_size / PAGE_SIZE, IMAGE_FLAGS);
     mm_add_vma(mm, entry->load_va, entry->load_va + entry->image_size, 0);
     if (entry->rw_end > entry->rw_start)
         mm_add_vma(mm, entry->rw_start & ~(PAGE_SIZE - 1), (entry->rw_end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1),
                    VMA_WRITE);
-    struct process *process = process_create(segment->name, segment->name_length, mm, 0);
+    struct process *process = process_create(segment->name, segment->name_length, mm, parent);
+    if (!process) {
+        mm_release(mm);
+        return 0;
+    }
     process->program = (uint32_t)program;
     process->args_offset = (uint32_t)(segment->args - (const char *)phys_to_virt(boot_info->cmdline_gpa));
     process->args_len = (uint32_t)segment->args_length;
@@ -230,6 +235,37 @@ static void spawn(const struct segment *segment, int program)
         sleep_until(process, (start_ms * os_options.hz + 999) / 1000);
     else
         make_runnable(process);
+    return process;
+}
+
+/* SYS_SPAWN: one "program k=v ..." line from a process (the sandbox's runner). The line is copied after
+   the boot command line, into the page every process sees at USER_ARGS_VA, so the child finds its
+   arguments where programs look for them. Until that page is full; a VM runs few such commands. */
+long spawn_command(const char *line, size_t length, uint32_t parent)
+{
+    static size_t used; /* bytes of the command-line page taken: the boot line, its NUL, earlier commands */
+    char *page = phys_to_virt(boot_info->cmdline_gpa);
+    if (!used)
+        used = boot_info->cmdline_len + 1;
+    if (!length || used >= PAGE_SIZE || length >= PAGE_SIZE - used)
+        return -E_INVAL;
+    for (size_t index = 0; index < length; index++)
+        if (line[index] == ';' || line[index] == '\0')
+            return -E_INVAL; /* one program per call */
+    char *copy = page + used;
+    memcpy(copy, line, length);
+    copy[length] = '\0';
+    struct segment segment;
+    if (parse_command_line(copy, &segment, 1) != 1 || is_kernel_segment(&segment))
+        return -E_INVAL;
+    int program = find_program(&segment);
+    if (program < 0)
+        return -E_INVAL;
+    struct process *process = spawn(&segment, program, parent);
+    if (!process)
+        return -E_AGAIN;
+    used += length + 1;
+    return process->pid;
 }
 
 /* Per-vCPU set-up, on the VMM's boot page tables until the last step. */
@@ -311,7 +347,10 @@ void kernel_main(uint64_t boot_phys, unsigned cpu)
             list_programs();
             kernel_stop(OS_EXIT_PANIC);
         }
-        spawn(&segments[index], program);
+        if (!spawn(&segments[index], program, 0)) {
+            kprintf("os: too many processes (at most %u)\n", MAX_PROCS);
+            kernel_stop(OS_EXIT_PANIC);
+        }
     }
     os_info.magic = OS_INFO_MAGIC;
     kernel_ready = 1;

@@ -156,6 +156,7 @@ struct os_options {
     uint32_t bootmark; /* port written just before the first user instruction (0: none) */
     uint32_t quiet;    /* no per-process lines */
     uint32_t faultaround; /* pages a 4 KiB demand-zero fault maps at once (1: only the faulting page) */
+    uint32_t keepmm;   /* exited processes keep their address spaces, for the host to inspect (sandbox) */
 };
 
 extern struct process proc_table[MAX_PROCS];
@@ -218,6 +219,7 @@ void fatal_user_fault(struct trap_frame *frame, struct process *process, const c
 void mm_init(void);
 uint64_t page_alloc(void);
 uint64_t huge_alloc(void);
+long spawn_command(const char *line, size_t length, uint32_t parent); /* SYS_SPAWN */
 struct mm *mm_create(void);
 bool mm_map_page(struct mm *mm, uint64_t va, uint64_t phys, uint64_t flags);
 bool mm_map_range(struct mm *mm, uint64_t va, uint64_t phys, uint64_t pages, uint64_t flags);

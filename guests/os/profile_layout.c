@@ -102,6 +102,7 @@ void profile_layout(void)
     CONSTANT64(USER_ARGS_VA);
     CONSTANT64(USER_ENTRY_VA);
     CONSTANT64(USER_TOP);
+    CONSTANT64(USER_MMAP_BASE);
     CONSTANT(VMA_WRITE);
     CONSTANT(VMA_HUGE);
 
@@ -126,5 +127,7 @@ void profile_layout(void)
     ENUM("syscall", "ksym", SYS_KSYM);
     ENUM("syscall", "kread", SYS_KREAD);
     ENUM("syscall", "kwrite", SYS_KWRITE);
+    ENUM("syscall", "spawn", SYS_SPAWN);
+    ENUM("syscall", "wait", SYS_WAIT);
     MARK("end");
 }

@@ -252,7 +252,7 @@ void process_exit(struct process *process, int code)
                 process->pid, process->name, code, process->syscalls, process->page_faults, process->switches, ran);
     }
     struct mm *mm = process->mm;
-    if (--mm->users == 0) {
+    if (--mm->users == 0 && !os_options.keepmm) {
         uint64_t kernel_cr3 = kernel_to_phys(kernel_pml4);
         if (cpus[cpu].cr3 != kernel_cr3) { /* never free the tables this vCPU stands on */
             write_cr3(kernel_cr3);

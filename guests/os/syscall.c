@@ -222,11 +222,31 @@ static long sys_kwrite(struct trap_frame *frame)
     return 0;
 }
 
+static long sys_spawn(struct trap_frame *frame)
+{
+    uint64_t line = frame->rdi, length = frame->rsi;
+    if (!user_range(line, length))
+        return -E_FAULT;
+    return spawn_command((const char *)line, length, caller()->pid);
+}
+
+static long sys_wait(struct trap_frame *frame)
+{
+    uint32_t parent = caller()->pid;
+    for (unsigned slot = 0; slot < MAX_PROCS; slot++) {
+        const struct process *child = &proc_table[slot];
+        if (child->state != PROC_FREE && child->pid == frame->rdi && child->parent == parent)
+            return child->state == PROC_EXITED ? (long)(child->exit_code & 0xFF) : -E_AGAIN;
+    }
+    return -E_INVAL;
+}
+
 syscall_fn syscall_table[SYS_COUNT] __attribute__((section(".data.syscall_table"), aligned(4096))) = {
     [SYS_EXIT] = sys_exit,     [SYS_WRITE] = sys_write,   [SYS_YIELD] = sys_yield,   [SYS_GETPID] = sys_getpid,
     [SYS_SLEEP] = sys_sleep,   [SYS_TIME] = sys_time,     [SYS_MMAP] = sys_mmap,     [SYS_THREAD] = sys_thread,
     [SYS_IOPERM] = sys_ioperm, [SYS_MAPIO] = sys_mapio,   [SYS_GETCPU] = sys_getcpu, [SYS_SETCPU] = sys_setcpu,
-    [SYS_KSYM] = sys_ksym,     [SYS_KREAD] = sys_kread,   [SYS_KWRITE] = sys_kwrite,
+    [SYS_KSYM] = sys_ksym,     [SYS_KREAD] = sys_kread,   [SYS_KWRITE] = sys_kwrite, [SYS_SPAWN] = sys_spawn,
+    [SYS_WAIT] = sys_wait,
 };
 
 void syscall_dispatch(unsigned cpu, struct process *process, struct trap_frame *frame)

@@ -23,7 +23,7 @@ from pyrovisor.kvm.vm import DIRTY_GFN_SIZE, IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLA
 from pyrovisor.loader import LoadResult, load_elf
 from pyrovisor.loader.elf import AP_ENTRY_SYMBOL
 from pyrovisor.memory import GuestMemory, MemoryRegion
-from pyrovisor.snapshot.chain import load_chain
+from pyrovisor.snapshot.chain import SnapshotLink, load_chain
 from pyrovisor.snapshot.memory_file import apply_diff_image, open_full_image
 from pyrovisor.snapshot.state import MachineState
 from pyrovisor.vmm import Vmm
@@ -279,18 +279,25 @@ def restore_vm(directory: Path, console_output: Callable[[bytes], None], lazy: b
     """
     chain = load_chain(directory)
     machine = chain[-1].state.machine
-    memory = open_full_image(chain[0].directory, chain[0].state.memory, machine.ram, lazy=lazy, verify=verify)
+    memory = open_chain_memory(chain, lazy=lazy, verify=verify)
+    vmm = assemble_vm(machine, memory, console_output, kvm)
+    vmm.last_snapshot = (chain[-1].directory, chain[-1].state.snapshot_id)
+    if track_dirty:
+        vmm.snapshot_log = vmm.dirty.subscribe()
+    return vmm
+
+
+def open_chain_memory(chain: list[SnapshotLink], lazy: bool = True, verify: bool = False) -> GuestMemory:
+    """The guest memory a snapshot chain describes: its full image, then each diff laid on top."""
+    memory = open_full_image(chain[0].directory, chain[0].state.memory, chain[-1].state.machine.ram, lazy=lazy,
+                             verify=verify)
     try:
         for link in chain[1:]:
             apply_diff_image(link.directory, link.state.memory, memory, verify=verify)
     except BaseException:
         memory.close()
         raise
-    vmm = assemble_vm(machine, memory, console_output, kvm)
-    vmm.last_snapshot = (chain[-1].directory, chain[-1].state.snapshot_id)
-    if track_dirty:
-        vmm.snapshot_log = vmm.dirty.subscribe()
-    return vmm
+    return memory
 
 
 def assemble_vm(machine: MachineState, memory: GuestMemory, console_output: Callable[[bytes], None],
@@ -330,4 +337,4 @@ def _attach_devices_from_state(assembly: Assembly, state: MachineState) -> None:
     _attach_page_discard(assembly)
 
 
-__all__ = ["RECIPE", "Assembly", "assemble_vm", "build_vm", "restore_vm"]
+__all__ = ["RECIPE", "Assembly", "assemble_vm", "build_vm", "open_chain_memory", "restore_vm"]

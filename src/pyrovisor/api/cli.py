@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pyrovisor.api.commands",
     "pyrovisor.api.snapshot_commands",
     "pyrovisor.api.migration_commands",
+    "pyrovisor.api.sandbox_commands",
     "pyrovisor.lab.cli",
 )
 

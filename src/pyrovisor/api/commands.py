@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                                             "(Ctrl-A x quits when stdin is a terminal). Exits with the guest's exit code.")
     run.add_argument("guest", nargs="?", default=DEFAULT_GUEST, help="built-in guest name or path to an ELF file "
                      f"(default: {DEFAULT_GUEST})")
-    run.add_argument("--memory", "-m", type=_size, help="guest RAM, e.g. 64M or 1G (default: the guest's manifest, else 64M)")
-    run.add_argument("--vcpus", type=_positive_int, help="number of vCPUs (default: the guest's manifest, else 1)")
+    run.add_argument("--memory", "-m", type=size_argument, help="guest RAM, e.g. 64M or 1G (default: the guest's manifest, else 64M)")
+    run.add_argument("--vcpus", type=positive_int_argument, help="number of vCPUs (default: the guest's manifest, else 1)")
     run.add_argument("--args", dest="cmdline", help="kernel command line passed to the guest")
     run.add_argument("--initrd", type=Path, help="file placed in guest memory after the kernel")
     run.add_argument("--timeout", type=float, help="stop the guest after this many seconds (exit code 124)")
@@ -45,14 +45,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     info.set_defaults(handler=_info)
 
 
-def _size(text: str) -> int:
+def size_argument(text: str) -> int:
     try:
         return parse_size(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_int(text: str) -> int:
+def positive_int_argument(text: str) -> int:
     try:
         value = int(text)
     except ValueError:

@@ -20,7 +20,9 @@
 #define SYS_KSYM 12   /* (name): address of an exported kernel symbol (a tiny kallsyms) */
 #define SYS_KREAD 13  /* (kernel address): the 8 bytes there */
 #define SYS_KWRITE 14 /* (kernel address, value): writes 8 bytes in kernel data, as a rootkit would */
-#define SYS_COUNT 15
+#define SYS_SPAWN 15  /* (line, length): starts "program k=v ..." from the archive as a child; returns its pid */
+#define SYS_WAIT 16   /* (pid): a child's exit code (0-255) once it has exited, -E_AGAIN while it runs */
+#define SYS_COUNT 17
 
 #define MAP_HUGE 1u /* back the region with 2 MiB pages (one fault per 2 MiB) */
 

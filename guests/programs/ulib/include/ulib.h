@@ -51,6 +51,8 @@ static inline long sys_setcpu(long cpu) { return syscall1(SYS_SETCPU, cpu); }
 static inline long sys_ksym(const char *name) { return syscall1(SYS_KSYM, (long)name); }
 static inline long sys_kread(uint64_t address) { return syscall1(SYS_KREAD, (long)address); }
 static inline long sys_kwrite(uint64_t address, uint64_t value) { return syscall2(SYS_KWRITE, (long)address, (long)value); }
+static inline long sys_spawn(const char *line, size_t length) { return syscall2(SYS_SPAWN, (long)line, (long)length); }
+static inline long sys_wait(long pid) { return syscall1(SYS_WAIT, pid); }
 
 /* System calls fail with -errno; kernel addresses are negative too, so only -4095..-1 are errors. */
 static inline bool is_error(long value) { return value < 0 && value >= -4095; }

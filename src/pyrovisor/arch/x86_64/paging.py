@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntFlag
 
@@ -115,6 +115,41 @@ def walk(read_u64: Callable[[int], int], root: int, virtual_address: int,
                                writable, user, executable, tuple(visited))
         table = entry & ADDRESS_MASK
     raise AssertionError("unreachable: the last level always maps")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One present leaf entry: a page of `size` bytes at `virtual_address` mapping `physical_address`."""
+
+    virtual_address: int
+    physical_address: int
+    size: int
+    writable: bool
+    user: bool
+
+
+def mappings(read_u64: Callable[[int], int], root: int, start: int = 0, end: int = 1 << 47,
+             levels: tuple[PagingLevel, ...] = LEVELS_4) -> Iterator[Mapping]:
+    """Every present leaf under `root` for virtual addresses in [start, end), in address order, through
+    the same table of levels as `walk`."""
+
+    def leaves(table: int, depth: int, table_va: int, writable: bool, user: bool) -> Iterator[Mapping]:
+        level = levels[depth]
+        span = 1 << level.shift
+        for index in range(ENTRIES_PER_TABLE):
+            va = table_va + index * span
+            if va + span <= start or va >= end:
+                continue
+            entry = read_u64(table + 8 * index)
+            if not entry & Pte.PRESENT:
+                continue
+            entry_writable, entry_user = writable and bool(entry & Pte.WRITABLE), user and bool(entry & Pte.USER)
+            if depth == len(levels) - 1 or (level.can_map_page and entry & Pte.HUGE):
+                yield Mapping(va, entry & ADDRESS_MASK & ~(span - 1), span, entry_writable, entry_user)
+            else:
+                yield from leaves(entry & ADDRESS_MASK, depth + 1, va, entry_writable, entry_user)
+
+    return leaves(root & ADDRESS_MASK, 0, 0, True, True)
 
 
 @dataclass(frozen=True)
