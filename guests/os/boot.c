@@ -98,6 +98,10 @@ static void kernel_options(const struct segment *segment)
             os_options.faultaround = option_u32(&option, 1, 512);
         else if (OPTION_IS(&option, "keepmm"))
             os_options.keepmm = option_u32(&option, 0, 1);
+        else {
+            kprintf("os: unknown kernel option '%.*s'\n", (int)option.key_length, option.key);
+            kernel_stop(OS_EXIT_PANIC);
+        }
     }
 }
 
@@ -214,6 +218,8 @@ static struct process *spawn(const struct segment *segment, int program, uint32_
     while (next_option(&cursor, end, &option)) {
         if (OPTION_IS(&option, "cpu") && option.numeric && option.value < os_info.nr_cpus)
             process->affinity = (int32_t)option.value;
+        else if (OPTION_IS(&option, "cpu"))
+            kprintf("os: pid %u: cpu= ignored: not a vCPU index below %u\n", process->pid, os_info.nr_cpus);
         else if (OPTION_IS(&option, "start_ms") && option.numeric)
             start_ms = option.value;
     }

@@ -208,7 +208,7 @@ static long sys_ksym(struct trap_frame *frame)
 static long sys_kread(struct trap_frame *frame)
 {
     uint64_t address = frame->rdi;
-    if (address < (uint64_t)__kernel_start || address + 8 > (uint64_t)__kernel_end || address & 7)
+    if (address < (uint64_t)__kernel_start || address > (uint64_t)__kernel_end - 8 || address & 7)
         return -E_FAULT;
     return (long)*(const uint64_t *)address;
 }
@@ -216,7 +216,7 @@ static long sys_kread(struct trap_frame *frame)
 static long sys_kwrite(struct trap_frame *frame)
 {
     uint64_t address = frame->rdi;
-    if (address < (uint64_t)__data_start || address + 8 > (uint64_t)__kernel_end || address & 7)
+    if (address < (uint64_t)__data_start || address > (uint64_t)__kernel_end - 8 || address & 7)
         return -E_FAULT;
     *(volatile uint64_t *)address = frame->rsi;
     return 0;

@@ -174,6 +174,7 @@ def test_freed_pages_come_back_zeroed_through_the_discard_port() -> None:
     ("", 0, r"^os: programs in the archive: counter exits falseshare fault kwriter memcheck memdirty pagetouch ptrchase runner "
            r"sysbench$"),
     ("counter; kernel hz=5", 3, r"^os: kernel option hz=5 is outside 10\.\.10000$"),
+    ("counter; kernel hz=100 bogus=1", 3, r"^os: unknown kernel option 'bogus'$"),
     ("  ; counter count=1 period_ms=1 ;; kernel quiet=1  ", 0, r"^PASS: counter 1: 1 beats"),
 ])
 def test_command_line(args: str, code: int, message: str) -> None:

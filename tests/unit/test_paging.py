@@ -94,3 +94,27 @@ def test_five_level_walk_with_four_kib_pages() -> None:
 def test_identity_map_is_exact_for_all_ram(boot_tables, address: int) -> None:
     memory, tables = boot_tables
     assert walk(memory.read_u64, tables.root, address).physical_address == address
+
+
+def test_mappings_lists_every_present_leaf_in_address_order() -> None:
+    from pyrovisor.arch.x86_64.paging import mappings
+
+    entries = {
+        0x1000: 0x2000 | 0x7,  # PML4[0] -> PDPT, user, writable
+        0x2000: 0x3000 | 0x7,  # PDPT[0] -> PD
+        0x3000 + 8 * 1: 0x400000 | 0x87,  # PD[1]: a 2 MiB page at VA 2 MiB
+        0x3000 + 8 * 2: 0x4000 | 0x7,  # PD[2] -> PT
+        0x4000 + 8 * 5: 0x9000 | 0x5,  # PT[5]: a read-only 4 KiB page at VA 4 MiB + 20 KiB
+        0x4000 + 8 * 6: 0xA000 | 0x2,  # not present
+        0x1000 + 8 * 256: 0x5000 | 0x3,  # PML4[256] -> a supervisor table
+        0x5000: 0x40000000 | 0x83,  # a 1 GiB supervisor page at the start of the upper half
+    }
+    found = list(mappings(lambda address: entries.get(address, 0), 0x1000))
+    assert [(m.virtual_address, m.physical_address, m.size, m.writable, m.user) for m in found] == [
+        (0x200000, 0x400000, 0x200000, True, True),
+        (0x405000, 0x9000, 0x1000, False, True),
+    ]  # the upper half is beyond the default end (the lower half's 1 << 47)
+    upper = list(mappings(lambda address: entries.get(address, 0), 0x1000, start=1 << 47, end=1 << 48))
+    assert [(m.virtual_address, m.size, m.user) for m in upper] == [(0xFFFF800000000000, 1 << 30, False)]
+    window = list(mappings(lambda address: entries.get(address, 0), 0x1000, start=0x400000, end=0x406000))
+    assert [m.virtual_address for m in window] == [0x405000]

@@ -131,7 +131,12 @@ class Mapping:
 def mappings(read_u64: Callable[[int], int], root: int, start: int = 0, end: int = 1 << 47,
              levels: tuple[PagingLevel, ...] = LEVELS_4) -> Iterator[Mapping]:
     """Every present leaf under `root` for virtual addresses in [start, end), in address order, through
-    the same table of levels as `walk`."""
+    the same table of levels as `walk`. `start` and `end` count the upper half without its sign extension
+    (0x8000_0000_0000 for 4 levels); the mappings carry canonical addresses."""
+    top_bit = levels[0].shift + 8  # 47 for 4 levels, 56 for 5
+
+    def canonical_address(va: int) -> int:
+        return va | ((1 << 64) - (1 << (top_bit + 1))) if va >> top_bit & 1 else va  # sign-extend to 64 bits
 
     def leaves(table: int, depth: int, table_va: int, writable: bool, user: bool) -> Iterator[Mapping]:
         level = levels[depth]
@@ -145,7 +150,8 @@ def mappings(read_u64: Callable[[int], int], root: int, start: int = 0, end: int
                 continue
             entry_writable, entry_user = writable and bool(entry & Pte.WRITABLE), user and bool(entry & Pte.USER)
             if depth == len(levels) - 1 or (level.can_map_page and entry & Pte.HUGE):
-                yield Mapping(va, entry & ADDRESS_MASK & ~(span - 1), span, entry_writable, entry_user)
+                yield Mapping(canonical_address(va), entry & ADDRESS_MASK & ~(span - 1), span, entry_writable,
+                              entry_user)
             else:
                 yield from leaves(entry & ADDRESS_MASK, depth + 1, va, entry_writable, entry_user)
 
