@@ -16,7 +16,12 @@ QEMU (when installed: apt-get install qemu-system-x86) migrates the same guest i
 boots the same os.elf and programs archive through the PVH entry, with its bandwidth cap lifted and its
 default 300 ms downtime limit, destination on loopback TCP; its rounds are its dirty-bitmap syncs.
 
-Run: python benchmarks/migration.py [--rates 0,10,50,100,200] [--memory 1G] [--no-ring] [--no-qemu]
+With --psk-file, both ends authenticate with that pre-shared key (HMAC-SHA256 frames, keyed BLAKE2b page
+digests) instead of CRC-32: the difference is the cost of authentication. --working-set sets how much memory
+memdirty writes (the filled row), so that smaller guests can be measured.
+
+Run: python benchmarks/migration.py [--rates 0,10,50,100,200] [--memory 1G] [--working-set 256M] [--no-ring]
+     [--no-qemu] [--psk-file FILE]
 """
 
 from __future__ import annotations
@@ -38,13 +43,13 @@ from pyrovisor.arch.x86_64.layout import parse_size
 from pyrovisor.builder import build_vm
 from pyrovisor.catalog import guests_dir
 from pyrovisor.config import MachineConfig
-from pyrovisor.migration.source import migrate
+from pyrovisor.migration.source import MigrationOptions, migrate
 from pyrovisor.migration.stats import MigrationResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # qemu_baseline
 
 VCPUS = 2
-WORKING_SET_PAGES = 65536  # 256 MiB
+WORKING_SET_PAGES = 65536  # 256 MiB unless --working-set says otherwise
 PAGE_SIZE = 4096
 DOWNTIME_TARGET_S = 0.030  # at 100 MB/s, default policy
 THROUGHPUT_TARGET = 1e9  # bytes of guest memory per second, idle guest
@@ -64,7 +69,7 @@ class Case:
     @property
     def label(self) -> str:
         if self.filled:
-            return "idle, 256 MiB written"
+            return "idle, working set written"
         return f"{self.rate_mb_s:g} MB/s" + (" (dirty ring)" if self.dirty_ring else "")
 
 
@@ -74,12 +79,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def guest_programs(case: Case) -> str:
+def guest_programs(case: Case, working_set_pages: int = WORKING_SET_PAGES) -> str:
     programs = "counter count=0 period_ms=100; memcheck mib=8 passes=0 interval_ms=100"
     # memdirty's rate=0 means "as fast as it can": the idle case has no memdirty, the filled one a page a second.
     pages_per_s = 1 if case.filled else round(case.rate_mb_s * 1e6 / PAGE_SIZE)
     if pages_per_s:
-        programs += f"; memdirty pages={WORKING_SET_PAGES} rate={pages_per_s} seconds=0"
+        programs += f"; memdirty pages={working_set_pages} rate={pages_per_s} seconds=0"
     return programs
 
 
@@ -111,13 +116,16 @@ def run_qemu_case(case: Case, memory: int) -> dict[str, float]:
         destination.close()
 
 
-def run_case(case: Case, memory: int) -> tuple[MigrationResult, float]:
+def run_case(case: Case, memory: int, working_set_pages: int = WORKING_SET_PAGES,
+             psk_file: Path | None = None) -> tuple[MigrationResult, float]:
     directory = guests_dir()
     config = MachineConfig(kernel=directory / "os.elf", initrd=directory / "os-programs.img", memory_size=memory,
-                           vcpus=VCPUS, cmdline=guest_programs(case), dirty_ring_entries=case.dirty_ring)
+                           vcpus=VCPUS, cmdline=guest_programs(case, working_set_pages),
+                           dirty_ring_entries=case.dirty_ring)
     port = free_port()
+    key = ["--psk-file", str(psk_file)] if psk_file is not None else []
     receiver = subprocess.Popen([sys.executable, "-m", "pyrovisor", "receive", "--listen", f"127.0.0.1:{port}",
-                                 "--timeout", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 "--timeout", "1", *key], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     output = bytearray()
     try:
         with build_vm(config, output.extend) as vmm:
@@ -130,7 +138,7 @@ def run_case(case: Case, memory: int) -> tuple[MigrationResult, float]:
             assert receiver.stderr is not None
             announced = receiver.stderr.readline()
             assert "listening on" in announced, announced
-            result = migrate(vmm, f"127.0.0.1:{port}")
+            result = migrate(vmm, f"127.0.0.1:{port}", MigrationOptions(psk_file=psk_file))
         out, err = receiver.communicate(timeout=60)
         # 124: --timeout stopped a running guest, which verified its pattern again and found it intact.
         assert receiver.returncode == 124 and PASS.search(out) and not re.search("FAIL|MISMATCH", out), (out, err)
@@ -165,6 +173,8 @@ def main() -> None:
     parser.add_argument("--ring-entries", type=int, default=RING_ENTRIES, help="dirty ring entries per vCPU")
     parser.add_argument("--no-ring", action="store_true", help="skip the dirty-ring rows")
     parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU baseline")
+    parser.add_argument("--working-set", default="256M", help="memory memdirty writes in the filled row")
+    parser.add_argument("--psk-file", type=Path, help="authenticate the stream with this pre-shared key")
     args = parser.parse_args()
     from qemu_baseline import qemu_available
 
@@ -176,14 +186,14 @@ def main() -> None:
         cases += [Case(0, args.ring_entries), Case(100, args.ring_entries)]
 
     table = Table(title=f"live migration of a {memory >> 20} MiB OS guest ({VCPUS} vCPUs) over loopback TCP "
-                        "(default policy)")
+                        f"(default policy{', pre-shared key' if args.psk_file else ''})")
     for column in ("dirtying", "measured", "rounds", "total", "downtime src/dst", "MiB on wire", "RAM/s",
                    "data rate", "model: rounds", "model: total", "model: downtime", "QEMU: syncs", "QEMU: total",
                    "QEMU: downtime", "QEMU: MiB"):
         table.add_column(column, justify="right")
     verdicts = []
     for case in cases:
-        result, measured = run_case(case, memory)
+        result, measured = run_case(case, memory, parse_size(args.working_set) // PAGE_SIZE, args.psk_file)
         prediction = model_prediction(result, measured)
         throughput = result.memory_bytes / result.total_seconds
         model = ("-", "-", "-") if prediction is None else (

@@ -1,9 +1,11 @@
-"""build_vm: assembles a VM from a MachineConfig as a short recipe of attach steps."""
+"""build_vm and restore_vm: a VM assembled as a short recipe of steps, every resource owned from the moment
+it exists, so a failure at any step releases everything built before it."""
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,46 +16,53 @@ from pyrovisor.arch.x86_64.descriptors import boot_gdt, tss_image
 from pyrovisor.arch.x86_64.paging import BootPageTables, boot_alias_to_physical, build_boot_page_tables
 from pyrovisor.config import MachineConfig
 from pyrovisor.devices.bus import Bus, PortBus
-from pyrovisor.devices.console import COM1_IRQ, COM1_PORT, PORT_COUNT, SerialConsole, SerialConsoleArgs
-from pyrovisor.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
-from pyrovisor.devices.page_discard import PAGE_DISCARD_PORT, PAGE_DISCARD_PORTS, PageDiscard
-from pyrovisor.errors import ConfigError, KvmError, LoaderError
-from pyrovisor.kvm import Cap, Kvm, VcpuFd, uapi
+from pyrovisor.devices.console import COM1_IRQ, COM1_PORT
+from pyrovisor.devices.debug_exit import DEBUG_EXIT_PORT
+from pyrovisor.devices.manager import DeviceContext, DeviceManager
+from pyrovisor.devices.platform import KINDS, attach_legacy
+from pyrovisor.errors import ConfigError, LoaderError
+from pyrovisor.kvm import Cap, Kvm, uapi
 from pyrovisor.kvm.vm import DIRTY_GFN_SIZE, IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE
 from pyrovisor.loader import LoadResult, load_elf
 from pyrovisor.loader.elf import AP_ENTRY_SYMBOL
 from pyrovisor.memory import GuestMemory, MemoryRegion
+from pyrovisor.persist.machine import MachineState
 from pyrovisor.snapshot.chain import SnapshotLink, load_chain
 from pyrovisor.snapshot.memory_file import apply_diff_image, open_full_image
-from pyrovisor.snapshot.state import MachineState
 from pyrovisor.vmm import Vmm
+from pyrovisor.vstate.dirty import DirtyTracker, RingSource
 from pyrovisor.vstate.registers import apply_entry_state
 from pyrovisor.vstate.run_control import RunControl, RunOutcome, StopReason
-from pyrovisor.vstate.vcpu import Vcpu, install_kick_handler
-from pyrovisor.vstate.vcpu_state import restore_vcpu
+from pyrovisor.vstate.vcpu import Vcpu, VcpuArgs, install_kick_handler
+from pyrovisor.vstate.vcpu_state import host_tsc_khz
 from pyrovisor.vstate.vm import Vm
-from pyrovisor.vstate.vm_state import restore_vm_state
+from pyrovisor.vstate.vm_state import KernelDevices
 
 
 @dataclass
 class Assembly:
-    """What the recipe has built so far; each step reads and adds to it."""
+    """What the recipe has built so far. Each step reads it, adds to it, and hands every resource it
+    creates to `resources` at once, so whatever happens next, it is released."""
 
     config: MachineConfig
-    kvm: Kvm
     console_output: Callable[[bytes], None]
+    resources: ExitStack
+    kvm: Kvm | None = None
+    saved: MachineState | None = None  # restore and migration: the state to rebuild
     control: RunControl = field(default_factory=RunControl)
-    port_bus: PortBus = field(default_factory=PortBus)
-    mmio_bus: Bus = field(default_factory=lambda: Bus("MMIO"))
     vm: Vm | None = None
     memory: GuestMemory | None = None
-    console: SerialConsole | None = None
-    debug_exit: DebugExit | None = None
+    devices: DeviceManager | None = None
     kernel: LoadResult | None = None
     initrd_gpa: int = 0
     initrd_size: int = 0
     page_tables: BootPageTables | None = None
-    vcpu_fds: list[VcpuFd] = field(default_factory=list)
+    vcpus: list[Vcpu] = field(default_factory=list)
+    dirty: DirtyTracker | None = None
+
+    def require_kvm(self) -> Kvm:
+        assert self.kvm is not None, "open_kvm must run first"
+        return self.kvm
 
     def require_vm(self) -> Vm:
         assert self.vm is not None, "create_vm must run first"
@@ -63,33 +72,111 @@ class Assembly:
         assert self.memory is not None, "attach_memory must run first"
         return self.memory
 
+    def require_saved(self) -> MachineState:
+        assert self.saved is not None, "restore steps need a saved machine state"
+        return self.saved
+
+
+Step = Callable[[Assembly], None]
+
+
+# --- steps shared by build and restore ---------------------------------------------------------------
+def open_kvm(assembly: Assembly) -> None:
+    if assembly.kvm is None:
+        assembly.kvm = Kvm()
+        assembly.resources.callback(assembly.kvm.close)
+
 
 def create_vm(assembly: Assembly) -> None:
     install_kick_handler()
-    assembly.vm = Vm(assembly.kvm)
+    assembly.vm = vm = Vm(assembly.require_kvm())
+    assembly.resources.callback(vm.close)
 
 
 def attach_memory(assembly: Assembly) -> None:
+    """Fresh RAM for a new VM (restore and migration bring theirs), then a memslot per region."""
     config = assembly.config
-    regions = []
-    for ram in layout.ram_ranges(config.memory_size):
-        if config.shared_memory:
-            regions.append(MemoryRegion.memfd(ram.gpa, ram.size))
-        else:
-            regions.append(MemoryRegion.anonymous(ram.gpa, ram.size, huge_pages=config.huge_pages))
-    assembly.memory = GuestMemory(regions)
-    assembly.require_vm().add_guest_memory(assembly.memory)
+    if assembly.memory is None:
+        regions: list[MemoryRegion] = []
+        for ram in layout.ram_ranges(config.memory_size):
+            if config.shared_memory:
+                region = MemoryRegion.memfd(ram.gpa, ram.size)
+            else:
+                region = MemoryRegion.anonymous(ram.gpa, ram.size, huge_pages=config.huge_pages)
+            assembly.resources.callback(region.close)
+            regions.append(region)
+        assembly.memory = GuestMemory(regions)
+    vm = assembly.require_vm()
+    assembly.resources.callback(vm.remove_all_memslots)  # before the memory is unmapped
+    vm.add_guest_memory(assembly.memory)
 
 
+def create_irqchip(assembly: Assembly) -> None:
+    assembly.require_vm().create_irqchip()
+
+
+def enable_dirty_ring(assembly: Assembly) -> None:
+    """Per-vCPU dirty rings instead of the dirty bitmap, when the configuration asks (before any vCPU)."""
+    entries = assembly.config.dirty_ring_entries
+    if not entries:
+        return
+    limit = assembly.require_kvm().check_extension(Cap.DIRTY_LOG_RING)
+    if entries * DIRTY_GFN_SIZE > limit:
+        raise ConfigError("dirty ring entries", entries,
+                          "this host has no dirty ring" if not limit else f"this host allows {limit // DIRTY_GFN_SIZE}")
+    assembly.require_vm().fd.enable_cap(Cap.DIRTY_LOG_RING, entries * DIRTY_GFN_SIZE)
+
+
+def create_device_manager(assembly: Assembly) -> None:
+    vm, memory, control = assembly.require_vm(), assembly.require_memory(), assembly.control
+
+    def guest_exit(code: int) -> None:
+        control.finish(RunOutcome(StopReason.GUEST_EXIT, exit_code=code))
+
+    context = DeviceContext(memory=memory, interrupt_line=vm.interrupt_line, console_output=assembly.console_output,
+                            guest_exit=guest_exit)
+    assembly.devices = DeviceManager(KINDS, PortBus(), Bus("MMIO"), context)
+    assembly.resources.callback(assembly.devices.close)
+
+
+def create_vcpus(assembly: Assembly) -> None:
+    """vCPU fds and their Vcpu objects (threads start later), each fd owned as soon as it exists; when
+    restoring, each vCPU is loaded with its saved state."""
+    kvm, vm, devices = assembly.require_kvm(), assembly.require_vm(), assembly.devices
+    assert devices is not None
+    msr_indices = kvm.get_msr_index_list()
+    for index in range(assembly.config.vcpus):
+        fd = vm.create_vcpu(index)
+        assembly.resources.callback(fd.close)
+        args = VcpuArgs(index, fd, devices.port_bus, devices.mmio_bus, assembly.control, kvm, msr_indices)
+        saved = assembly.saved
+        assembly.vcpus.append(Vcpu.restore(args, saved.vcpus[index]) if saved is not None else Vcpu(args))
+
+
+def track_dirty_pages(assembly: Assembly) -> None:
+    """The dirty tracker, over the vCPUs' dirty rings when configured (mapped here) or KVM's bitmap."""
+    ring_bytes = assembly.config.dirty_ring_entries * DIRTY_GFN_SIZE
+    source = None
+    if ring_bytes:
+        rings = []
+        for vcpu in assembly.vcpus:
+            ring = vcpu.fd.map_dirty_ring(ring_bytes)
+            assembly.resources.callback(ring.close)
+            rings.append(ring)
+        source = RingSource(assembly.require_vm(), rings)
+        assembly.resources.callback(source.release)  # drop the views before the rings are unmapped
+    assembly.dirty = DirtyTracker(assembly.require_vm(), assembly.require_memory(), source)
+
+
+# --- build: a new VM from a configuration ---------------------------------------------------------------
 PIC_VECTOR_BASES = {IRQCHIP_PIC_MASTER: 0x20, IRQCHIP_PIC_SLAVE: 0x28}
 
 
-def attach_irqchip(assembly: Assembly) -> None:
-    """The in-kernel LAPICs, IOAPIC and PICs, the PICs left as PC firmware leaves them: remapped above
-    the exception vectors (0x20-0x2f) with every line masked. Untouched, KVM's PICs deliver IRQ n as
-    vector n, so a guest enabling a device interrupt would see it as a CPU exception."""
+def remap_pics(assembly: Assembly) -> None:
+    """The PICs as PC firmware leaves them: remapped above the exception vectors (0x20-0x2f) with every
+    line masked. Untouched, KVM's PICs deliver IRQ n as vector n, so a guest enabling a device interrupt
+    would see it as a CPU exception."""
     vm = assembly.require_vm()
-    vm.create_irqchip()
     for chip_id, base in PIC_VECTOR_BASES.items():
         chip = vm.fd.get_irqchip(chip_id)
         chip.chip.pic.irq_base = base
@@ -98,39 +185,9 @@ def attach_irqchip(assembly: Assembly) -> None:
         vm.fd.set_irqchip(chip)
 
 
-def enable_dirty_ring(assembly: Assembly) -> None:
-    """Per-vCPU dirty rings instead of the dirty bitmap, when the configuration asks (before any vCPU)."""
-    entries = assembly.config.dirty_ring_entries
-    if not entries:
-        return
-    limit = assembly.kvm.check_extension(Cap.DIRTY_LOG_RING)
-    if entries * DIRTY_GFN_SIZE > limit:
-        raise ConfigError("dirty ring entries", entries,
-                          "this host has no dirty ring" if not limit else f"this host allows {limit // DIRTY_GFN_SIZE}")
-    assembly.require_vm().fd.enable_cap(Cap.DIRTY_LOG_RING, entries * DIRTY_GFN_SIZE)
-
-
-def attach_legacy_devices(assembly: Assembly) -> None:
-    vm = assembly.require_vm()
-    control = assembly.control
-    assembly.console = SerialConsole(assembly.console_output, vm.interrupt_line(COM1_IRQ))
-    assembly.port_bus.insert(COM1_PORT, PORT_COUNT, assembly.console, "serial0")
-
-    def guest_exit(code: int) -> None:
-        control.finish(RunOutcome(StopReason.GUEST_EXIT, exit_code=code))
-
-    assembly.debug_exit = DebugExit(guest_exit)
-    assembly.port_bus.insert(DEBUG_EXIT_PORT, 4, assembly.debug_exit, "debug-exit")
-    _attach_page_discard(assembly)
-
-
-def _attach_page_discard(assembly: Assembly) -> None:
-    """Pages a guest gives back read as zero afterwards. They are zeroed through GuestMemory, so dirty
-    tracking (snapshots, migration) sees the change; unmapping them (`GuestMemory.discard`) would not be
-    seen, and in lazily restored memory would bring back the snapshot's bytes."""
-    memory = assembly.require_memory()
-    device = PageDiscard(memory.read, lambda gpa, size: memory.fill(gpa, size, 0))
-    assembly.port_bus.insert(PAGE_DISCARD_PORT, PAGE_DISCARD_PORTS, device, "page-discard")
+def attach_devices(assembly: Assembly) -> None:
+    assert assembly.devices is not None
+    attach_legacy(assembly.devices)
 
 
 def load_kernel(assembly: Assembly) -> None:
@@ -163,8 +220,10 @@ def load_initrd(assembly: Assembly) -> None:
 def write_boot_data(assembly: Assembly) -> None:
     """Page tables, GDT, per-vCPU TSS, command line and the boot-info block (boot protocol v1)."""
     config, memory = assembly.config, assembly.require_memory()
-    assert assembly.kernel is not None
+    assert assembly.kernel is not None and assembly.vcpus
     ranges = layout.ram_ranges(config.memory_size)
+    if len(ranges) > MAX_RAM_RANGES:
+        raise ConfigError("memory size", config.memory_size, "too many RAM ranges for the boot info")
     assembly.page_tables = build_boot_page_tables(ranges, memory.write_u64, layout.PAGE_TABLES_GPA,
                                                   layout.PAGE_TABLES_END)
     tss_addresses = [layout.tss_gpa(index) for index in range(config.vcpus)]
@@ -186,12 +245,9 @@ def write_boot_data(assembly: Assembly) -> None:
         direct_map_base=layout.DIRECT_MAP_BASE, kernel_map_base=layout.KERNEL_MAP_BASE,
         console_port=COM1_PORT, debug_exit_port=DEBUG_EXIT_PORT, console_irq=COM1_IRQ,
     )
-    if len(ranges) > MAX_RAM_RANGES:
-        raise ConfigError("memory size", config.memory_size, "too many RAM ranges for the boot info")
     for index, ram in enumerate(ranges):
         info.ram[index].gpa, info.ram[index].size = ram.gpa, ram.size
-    assembly.vcpu_fds = [assembly.require_vm().create_vcpu(index) for index in range(config.vcpus)]
-    info.tsc_khz = _tsc_khz(assembly.vcpu_fds[0])
+    info.tsc_khz = host_tsc_khz(assembly.vcpus[0].fd)  # 0 where unknown: the guest calibrates or does without
     memory.write(layout.BOOT_INFO_GPA, bytes(info))
 
 
@@ -199,9 +255,10 @@ def setup_vcpus(assembly: Assembly) -> None:
     """CPUID per vCPU, the long-mode entry state, and APs made runnable at their entry point."""
     config, kernel = assembly.config, assembly.kernel
     assert kernel is not None and assembly.page_tables is not None
-    supported = assembly.kvm.get_supported_cpuid()
+    supported = assembly.require_kvm().get_supported_cpuid()
     gdt_limit = len(boot_gdt([0] * config.vcpus)) - 1
-    for index, fd in enumerate(assembly.vcpu_fds):
+    for vcpu in assembly.vcpus:
+        index, fd = vcpu.index, vcpu.fd
         fd.set_cpuid2(cpuid.for_vcpu(supported, index))
         entry = kernel.entry if index == 0 else kernel.ap_entry
         assert entry is not None
@@ -211,62 +268,82 @@ def setup_vcpus(assembly: Assembly) -> None:
             fd.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
 
 
-RECIPE: tuple[Callable[[Assembly], None], ...] = (
+BUILD_RECIPE: tuple[Step, ...] = (
+    open_kvm,
     create_vm,
     attach_memory,
-    attach_irqchip,
+    create_irqchip,
+    remap_pics,
     enable_dirty_ring,
-    attach_legacy_devices,
+    create_device_manager,
+    attach_devices,
     load_kernel,
     load_initrd,
+    create_vcpus,
+    track_dirty_pages,
     write_boot_data,
     setup_vcpus,
 )
 
 
-def build_vm(config: MachineConfig, console_output: Callable[[bytes], None], kvm: Kvm | None = None) -> Vmm:
-    """Build a VM ready to start. On failure everything built so far is released."""
-    config.validate()
-    assembly = Assembly(config, kvm or Kvm(), console_output)
-    try:
-        for step in RECIPE:
+# --- restore: a VM from saved state and memory already filled in -----------------------------------------
+def restore_devices(assembly: Assembly) -> None:
+    assert assembly.devices is not None
+    assembly.devices.restore(assembly.require_saved().devices)
+
+
+def restore_kernel_devices(assembly: Assembly) -> None:
+    """The PICs, IOAPIC and clock, after the vCPUs (their LAPICs in place) so routed interrupts land."""
+    KernelDevices.restore(assembly.require_vm().fd, assembly.require_saved().vm)
+
+
+RESTORE_RECIPE: tuple[Step, ...] = (
+    open_kvm,
+    create_vm,
+    attach_memory,
+    create_irqchip,
+    enable_dirty_ring,
+    create_device_manager,
+    restore_devices,
+    create_vcpus,
+    track_dirty_pages,
+    restore_kernel_devices,
+)
+
+
+def _assemble(assembly: Assembly, recipe: tuple[Step, ...]) -> Vmm:
+    """Run the recipe; on success the Vmm owns every resource, on failure all are released."""
+    with assembly.resources:
+        for step in recipe:
             step(assembly)
-    except BaseException:
-        _release(assembly, owns_kvm=kvm is None)
-        raise
-    return _finish(assembly, owns_kvm=kvm is None)
+        assert assembly.kernel is not None and assembly.devices is not None and assembly.dirty is not None
+        vmm = Vmm(config=assembly.config, kvm=assembly.require_kvm(), vm=assembly.require_vm(),
+                  memory=assembly.require_memory(), vcpus=assembly.vcpus, devices=assembly.devices,
+                  control=assembly.control, kernel=assembly.kernel, dirty=assembly.dirty)
+        vmm.adopt(assembly.resources.pop_all())  # cannot fail: from here on the Vmm releases everything
+    return vmm
 
 
-def _finish(assembly: Assembly, owns_kvm: bool) -> Vmm:
-    assert assembly.console is not None and assembly.debug_exit is not None and assembly.kernel is not None
-    vcpus = [Vcpu(index, fd, assembly.port_bus, assembly.mmio_bus, assembly.control)
-             for index, fd in enumerate(assembly.vcpu_fds)]
-    ring_bytes = assembly.config.dirty_ring_entries * DIRTY_GFN_SIZE
-    rings = [fd.map_dirty_ring(ring_bytes) for fd in assembly.vcpu_fds] if ring_bytes else []
-    return Vmm(
-        config=assembly.config, kvm=assembly.kvm, vm=assembly.require_vm(), memory=assembly.require_memory(),
-        vcpus=vcpus, port_bus=assembly.port_bus, mmio_bus=assembly.mmio_bus, control=assembly.control,
-        console=assembly.console, debug_exit=assembly.debug_exit, kernel=assembly.kernel, owns_kvm=owns_kvm,
-        dirty_rings=rings,
-    )
+def build_vm(config: MachineConfig, console_output: Callable[[bytes], None], kvm: Kvm | None = None) -> Vmm:
+    """Build a VM ready to start. On failure everything built so far is released.
+
+    A `kvm` passed in stays the caller's; otherwise the VM opens (and closes) its own.
+    """
+    config.validate()
+    return _assemble(Assembly(config, console_output, ExitStack(), kvm=kvm), BUILD_RECIPE)
 
 
-def _release(assembly: Assembly, owns_kvm: bool) -> None:
-    for fd in assembly.vcpu_fds:
-        fd.close()
-    if assembly.vm is not None:
-        assembly.vm.close()
-    if assembly.memory is not None:
-        assembly.memory.close()
-    if owns_kvm:
-        assembly.kvm.close()
+def assemble_vm(machine: MachineState, memory: GuestMemory, console_output: Callable[[bytes], None],
+                kvm: Kvm | None = None) -> Vmm:
+    """A VM from saved machine state and guest memory already filled in (restore, migration).
 
-
-def _tsc_khz(vcpu: VcpuFd) -> int:
-    try:
-        return vcpu.get_tsc_khz()
-    except KvmError:  # not all hosts report it; the guest then calibrates or does without
-        return 0
+    The memory becomes the VM's at once: on failure it is released with everything else.
+    """
+    resources = ExitStack()
+    resources.callback(memory.close)
+    assembly = Assembly(machine.config, console_output, resources, kvm=kvm, saved=machine, memory=memory,
+                        kernel=machine.kernel)
+    return _assemble(assembly, RESTORE_RECIPE)
 
 
 def restore_vm(directory: Path, console_output: Callable[[bytes], None], lazy: bool = True, verify: bool = False,
@@ -278,12 +355,15 @@ def restore_vm(directory: Path, console_output: Callable[[bytes], None], lazy: b
     data is read into anonymous memory. `verify` checks the memory files' checksums first.
     """
     chain = load_chain(directory)
-    machine = chain[-1].state.machine
     memory = open_chain_memory(chain, lazy=lazy, verify=verify)
-    vmm = assemble_vm(machine, memory, console_output, kvm)
+    vmm = assemble_vm(chain[-1].state.machine, memory, console_output, kvm)
     vmm.last_snapshot = (chain[-1].directory, chain[-1].state.snapshot_id)
     if track_dirty:
-        vmm.snapshot_log = vmm.dirty.subscribe()
+        try:
+            vmm.snapshot_log = vmm.dirty.subscribe()
+        except BaseException:
+            vmm.close()
+            raise
     return vmm
 
 
@@ -300,41 +380,5 @@ def open_chain_memory(chain: list[SnapshotLink], lazy: bool = True, verify: bool
     return memory
 
 
-def assemble_vm(machine: MachineState, memory: GuestMemory, console_output: Callable[[bytes], None],
-                kvm: Kvm | None = None) -> Vmm:
-    """A VM from saved machine state and guest memory already filled in (restore, migration).
-
-    The memory becomes the VM's; on failure it is released with everything else.
-    """
-    assembly = Assembly(machine.config, kvm or Kvm(), console_output, memory=memory, kernel=machine.kernel)
-    try:
-        create_vm(assembly)
-        assembly.require_vm().add_guest_memory(memory)
-        assembly.require_vm().create_irqchip()  # its state is restored below
-        enable_dirty_ring(assembly)
-        _attach_devices_from_state(assembly, machine)
-        assembly.vcpu_fds = [assembly.require_vm().create_vcpu(index) for index in range(machine.config.vcpus)]
-        for fd, vcpu_state in zip(assembly.vcpu_fds, machine.vcpus, strict=True):
-            restore_vcpu(fd, vcpu_state, assembly.kvm)
-        restore_vm_state(assembly.require_vm().fd, machine.vm)
-    except BaseException:
-        _release(assembly, owns_kvm=kvm is None)
-        raise
-    return _finish(assembly, owns_kvm=kvm is None)
-
-
-def _attach_devices_from_state(assembly: Assembly, state: MachineState) -> None:
-    vm, control = assembly.require_vm(), assembly.control
-    assembly.console = SerialConsole.restore(SerialConsoleArgs(assembly.console_output, vm.interrupt_line(COM1_IRQ)),
-                                             state.devices.serial)
-    assembly.port_bus.insert(COM1_PORT, PORT_COUNT, assembly.console, "serial0")
-
-    def guest_exit(code: int) -> None:
-        control.finish(RunOutcome(StopReason.GUEST_EXIT, exit_code=code))
-
-    assembly.debug_exit = DebugExit.restore(guest_exit, state.devices.debug_exit)
-    assembly.port_bus.insert(DEBUG_EXIT_PORT, 4, assembly.debug_exit, "debug-exit")
-    _attach_page_discard(assembly)
-
-
-__all__ = ["RECIPE", "Assembly", "assemble_vm", "build_vm", "open_chain_memory", "restore_vm"]
+__all__ = ["BUILD_RECIPE", "RESTORE_RECIPE", "Assembly", "assemble_vm", "build_vm", "open_chain_memory",
+           "restore_vm"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -11,6 +12,8 @@ from pyrovisor.arch.x86_64.layout import parse_size
 from pyrovisor.errors import ConfigError, LoaderError
 
 MANIFEST_NAME = "manifest.toml"
+PROFILE_SUFFIX = ".profile.json"  # a kernel's introspection profile, next to its ELF (docs/guest-os.md)
+PROFILE_VCPU_LIMIT = "MAX_CPUS"  # the profile constant that bounds the vCPUs the kernel brings up
 
 
 @dataclass(frozen=True)
@@ -83,3 +86,23 @@ def resolve_guest(name_or_path: str) -> tuple[Path, GuestSpec | None]:
         raise ConfigError("guest", name_or_path, f"not a file and not a built-in guest ({', '.join(catalog)})")
     spec = catalog[name_or_path]
     return spec.elf, spec
+
+
+def vcpu_limit(elf: Path) -> int | None:
+    """The most vCPUs the kernel in `elf` brings up, when its profile says (`MAX_CPUS` in the OS guest);
+    None when it does not say. The VMM's own limit (32) applies either way."""
+    profile = elf.with_name(elf.stem + PROFILE_SUFFIX)
+    try:
+        constants = json.loads(profile.read_text()).get("constants", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    limit = constants.get(PROFILE_VCPU_LIMIT) if isinstance(constants, dict) else None
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_vcpu_limit(elf: Path, vcpus: int) -> None:
+    """Refuse more vCPUs than the guest kernel brings up (it would leave the others halted for good)."""
+    limit = vcpu_limit(elf)
+    if limit is not None and vcpus > limit:
+        raise ConfigError("vcpus", vcpus, f"{elf.name} brings up at most {limit} vCPUs "
+                          f"({PROFILE_VCPU_LIMIT} in {elf.stem}{PROFILE_SUFFIX}); the others would stay halted")

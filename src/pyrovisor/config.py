@@ -6,10 +6,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyrovisor.arch.x86_64.layout import CMDLINE_MAX, MAX_VCPUS, MiB, ram_ranges
+from pyrovisor.arch.x86_64.layout import (
+    CMDLINE_MAX,
+    MAX_MEMORY,
+    MAX_VCPUS,
+    MIN_MEMORY,
+    GiB,
+    KiB,
+    MiB,
+    ram_ranges,
+)
 from pyrovisor.errors import ConfigError
 
 DEFAULT_MEMORY = 64 * MiB
+MEMORY_GRANULE = 2 * MiB  # RAM comes in 2 MiB pages (the boot page tables map it with them)
 MIN_DIRTY_RING_ENTRIES = 256  # KVM needs at least one page of 16-byte entries
 
 
@@ -25,21 +35,46 @@ class MachineConfig:
     dirty_ring_entries: int = 0  # per-vCPU dirty ring for dirty tracking; 0: KVM's dirty bitmap
 
     def validate(self) -> None:
+        check_memory_size(self.memory_size, format_size(self.memory_size))
         ram_ranges(self.memory_size)
-        available = host_memory_limit()
-        if available is not None and self.memory_size > available:
-            raise ConfigError("memory size", f"{self.memory_size >> 20} MiB",
-                              f"larger than this host's RAM and swap ({available >> 20} MiB)")
-        if not 1 <= self.vcpus <= MAX_VCPUS:
-            raise ConfigError("vcpus", self.vcpus, f"must be between 1 and {MAX_VCPUS}")
+        check_vcpu_count(self.vcpus)
         if len(self.cmdline.encode()) > CMDLINE_MAX:
             raise ConfigError("command line", self.cmdline[:40] + "...", f"longer than {CMDLINE_MAX} bytes")
         if "\0" in self.cmdline:
             raise ConfigError("command line", self.cmdline, "contains a NUL character")
-        entries = self.dirty_ring_entries
-        if entries and (entries < MIN_DIRTY_RING_ENTRIES or entries & (entries - 1)):
-            raise ConfigError("dirty ring entries", entries,
-                              f"must be 0 (bitmap) or a power of two of at least {MIN_DIRTY_RING_ENTRIES}")
+        check_dirty_ring_entries(self.dirty_ring_entries)
+
+
+def check_memory_size(size: int, shown: str) -> None:
+    """Refuse a guest RAM size this VMM or this host cannot give; `shown` is how the user wrote it."""
+    if not MIN_MEMORY <= size <= MAX_MEMORY:
+        raise ConfigError("memory size", shown,
+                          f"must be between {format_size(MIN_MEMORY)} and {format_size(MAX_MEMORY)}")
+    if size % MEMORY_GRANULE:
+        raise ConfigError("memory size", shown, f"must be a multiple of {format_size(MEMORY_GRANULE)}")
+    available = host_memory_limit()
+    if available is not None and size > available:
+        raise ConfigError("memory size", shown, f"larger than this host's RAM and swap ({available >> 20} MiB)")
+
+
+def check_vcpu_count(vcpus: int) -> None:
+    if not 1 <= vcpus <= MAX_VCPUS:
+        raise ConfigError("vcpus", vcpus, f"must be between 1 and {MAX_VCPUS}, the most this VMM supports "
+                                          "(one TSS per vCPU in one boot page)")
+
+
+def check_dirty_ring_entries(entries: int) -> None:
+    if entries and (entries < MIN_DIRTY_RING_ENTRIES or entries & (entries - 1)):
+        raise ConfigError("dirty ring entries", entries,
+                          f"must be 0 (bitmap) or a power of two of at least {MIN_DIRTY_RING_ENTRIES}")
+
+
+def format_size(size: int) -> str:
+    """A byte count exactly, in the largest binary unit that divides it: '64 MiB', '1 TiB', '3000 bytes'."""
+    for factor, unit in ((1 << 40, "TiB"), (GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if size and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} bytes"
 
 
 def host_memory_limit() -> int | None:

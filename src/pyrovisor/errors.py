@@ -108,3 +108,14 @@ class ControlError(PyrovisorError):
         self.reason = reason
         self.status = status
         super().__init__(f"{endpoint}: {reason}")
+
+
+class LifecycleError(PyrovisorError):
+    """A request does not fit the VM's current state (resume while migrated away, migrate while
+    snapshotting, a pause that could not complete); nothing was changed."""
+
+    def __init__(self, request: str, state: str, reason: str) -> None:
+        self.request = request
+        self.state = state
+        self.reason = reason
+        super().__init__(f"cannot {request}: {reason} (the VM is {state})")

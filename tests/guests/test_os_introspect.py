@@ -62,7 +62,8 @@ def test_the_host_reads_the_process_list_the_guest_reports() -> None:
         console.wait_for(r"^memcheck 2: pass 2 ok")
         console.wait_for(r"^counter 4: beat 3 ")
         console.wait_for(r"^os: pid 3 \(kwriter\) exited with 0")
-        assert vmm.pause()
+        vmm.pause()
+        assert vmm.is_parked
         kernel = GuestKernel(vmm.memory, guest_profile())
         processes = kernel.processes()
         cpus = kernel.cpus()

@@ -8,11 +8,20 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pyrovisor.migration.protocol import FRAME, MessageType
+from pyrovisor.migration.protocol import FRAME, PREFIX, Integrity, MessageType, Role
 
 # A rule sees each source→destination frame (type, header, payload) and returns what to do with it.
 CUT = "cut"  # close both connections instead of forwarding this frame
+CUT_INSIDE = "cut inside"  # forward the header and half the payload, then close both connections
 FORWARD = "forward"
+
+
+def retag(header: bytearray, payload: bytearray) -> None:
+    """After a rule changed a frame (without a pre-shared key): a header and CRC that match it again."""
+    magic, version, kind, _, sequence, covered, _ = FRAME.unpack(header)
+    covered = len(payload) if kind != MessageType.PAGES else covered
+    prefix = PREFIX.pack(magic, version, kind, len(payload), sequence, covered)
+    header[:] = prefix + Integrity().frame_tag(Role.SOURCE, prefix, (payload[:covered],))
 
 
 @dataclass
@@ -51,7 +60,7 @@ class FaultProxy:
                 header = _read_exact(client, FRAME.size)
                 if header is None:
                     break
-                _, _, kind, length, _, _ = FRAME.unpack(header)
+                _, _, kind, length, _, _, _ = FRAME.unpack(header)
                 payload = _read_exact(client, length)
                 if payload is None:
                     break
@@ -59,7 +68,10 @@ class FaultProxy:
                 self.log.types.append(message)
                 if message is MessageType.ROUND_END:
                     self.log.round_ends += 1
-                if self.rule(message, header, payload, self.log) == CUT:
+                action = self.rule(message, header, payload, self.log)
+                if action == CUT_INSIDE:
+                    upstream.sendall(header + payload[:len(payload) // 2])
+                if action in (CUT, CUT_INSIDE):
                     self.log.cut = True
                     break
                 try:

@@ -29,7 +29,7 @@ from pyrovisor.kvm.coalesced import CAPACITY, CoalescedRing
 from pyrovisor.kvm.exits import Debug, Hlt, IoOut, MmioWrite
 from pyrovisor.kvm.vm import IRQCHIP_PIC_MASTER, MEM_LOG_DIRTY_PAGES
 from pyrovisor.vstate.run_control import RunControl, RunOutcome, StopReason
-from pyrovisor.vstate.vcpu import Vcpu
+from pyrovisor.vstate.vcpu import Vcpu, VcpuArgs
 
 pytestmark = pytest.mark.kvm
 
@@ -85,7 +85,7 @@ def test_coalesced_writes_reach_the_bus_before_the_exit_that_follows_them() -> N
         mmio.insert(UNBACKED_GPA, 4096, Recorder("mmio", seen), "recorder")
         ports.insert(0xF4, 1, Recorder("marker", seen), "marker")
         control = RunControl()
-        vcpu = Vcpu(0, machine.vcpu, ports, mmio, control)
+        vcpu = Vcpu(VcpuArgs(0, machine.vcpu, ports, mmio, control, machine.kvm, ()))
         vcpu.coalesced = CoalescedRing(machine.vcpu.coalesced_mmio_ring())
         try:
             vcpu.start()

@@ -78,13 +78,21 @@ def test_timeout_failure_and_unknown_program_are_reported(base: Path, tmp_path: 
         hung = sandbox.run("counter count=0 period_ms=10", timeout=1.0)
         failed = sandbox.run("pagetouch pages=0", timeout=20)
         unknown = sandbox.run("nosuchprogram x=1", timeout=20)
+        options = sandbox.run("kernel keepmm=0", timeout=20)
         after = sandbox.run("pagetouch pages=1", timeout=20)
     assert hung.outcome == "timeout" and hung.program_pid is not None and hung.program_exit_code is None
     assert 1000 <= hung.run_ms < 5000
     assert failed.outcome == "exited" and failed.program_exit_code == 1 and failed.vm_exit_code != 0
+    assert hung.start_error is None and failed.start_error is None
     assert unknown.outcome == "exited" and unknown.program_pid is None and unknown.vm_exit_code != 0
-    assert "runner 1: cannot start 'nosuchprogram x=1'" in (tmp_path / "console.log").read_text()
-    assert after.program_exit_code == 0 and after.clean_start_pages == unknown.pages_changed
+    # Why it did not start is in the report, as the guest's runner said it on the console of that run.
+    assert unknown.start_error == ("cannot start 'nosuchprogram x=1': no program 'nosuchprogram' in the archive, "
+                                   "or no room left for its arguments (E_INVAL)")
+    assert options.program_pid is None and options.start_error is not None
+    assert "kernel options cannot be given to one program" in options.start_error
+    log = (tmp_path / "console.log").read_text()
+    assert f"runner 1: {unknown.start_error}" in log and f"the program did not start: {unknown.start_error}" in log
+    assert after.program_exit_code == 0 and after.clean_start_pages == options.pages_changed
 
 
 def test_bad_bases_and_commands_are_refused(base: Path, tmp_path: Path) -> None:
@@ -110,7 +118,7 @@ def test_bad_bases_and_commands_are_refused(base: Path, tmp_path: Path) -> None:
         sandbox.run("pagetouch", timeout=5)
 
     with Sandbox(base, tmp_path / "log") as sandbox:
-        for command in ("", "counter; memcheck", "x" * 2000):
+        for command in ("", "counter; memcheck", "x" * 2000, "pagetouch\0pages=1"):
             with pytest.raises(ConfigError):
                 sandbox.run(command, timeout=5)
 
@@ -132,3 +140,19 @@ def test_cli_runs_and_reports_json(base: Path, tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "pyrovisor", "sandbox", "--base", str(base)], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "--base needs --run" in bad.stderr
+
+
+def test_cli_says_why_a_program_did_not_start(base: Path, tmp_path: Path) -> None:
+    """`pid None exit None` is not a report: the JSON and the table carry the guest's reason."""
+    command = [sys.executable, "-m", "pyrovisor", "sandbox", "--base", str(base), "--run", "nosuchprogram x=1",
+               "--timeout", "20", "--log", str(tmp_path / "console.log")]
+    reason = "no program 'nosuchprogram' in the archive"
+    as_json = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
+    assert as_json.returncode == 1, as_json.stderr
+    [report] = json.loads(as_json.stdout)
+    assert report["program_pid"] is None and reason in report["start_error"]
+    as_table = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert as_table.returncode == 1, as_table.stderr
+    title = " ".join(as_table.stdout.split())  # rich wraps the long title
+    assert "program did not start: cannot start 'nosuchprogram x=1': " + reason in title
+    assert "pid None" not in title

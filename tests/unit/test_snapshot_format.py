@@ -19,9 +19,11 @@ from pyrovisor.devices.debug_exit import DebugExitState
 from pyrovisor.devices.serial import SerialState
 from pyrovisor.errors import StateError
 from pyrovisor.loader import LoadedSegment, LoadResult
-from pyrovisor.snapshot.codec import decode, encode
-from pyrovisor.snapshot.file_format import HEADER, MAX_PAYLOAD, dump_state, load_state
-from pyrovisor.snapshot.state import DeviceStates, MachineState, MemoryImage, MemoryRange, SnapshotState
+from pyrovisor.persist.codec import decode, encode
+from pyrovisor.persist.device import DeviceRecord
+from pyrovisor.persist.machine import MachineState
+from pyrovisor.snapshot.file_format import FORMAT_VERSION, HEADER, MAX_PAYLOAD, dump_state, load_state
+from pyrovisor.snapshot.state import MemoryImage, MemoryRange, SnapshotState
 from pyrovisor.vstate.vcpu_state import VcpuState
 from pyrovisor.vstate.vm_state import VmState
 
@@ -35,7 +37,8 @@ def sample_state() -> SnapshotState:
         kernel=LoadResult("/guests/ticker.elf", 0x100000, None, (LoadedSegment(0x100000, 0x100000, 10, 20, 5),),
                           0x100000, 0x101000),
         ram=(RamRange(0, 64 << 20),), vm=VmState(irqchips=(bytes(520),) * 3, clock=bytes(48)), vcpus=(vcpu,),
-        devices=DeviceStates(SerialState(rx_fifo=b"ab"), DebugExitState(None)),
+        devices=(DeviceRecord("serial0", "uart16550", (0x3F8, 8), None, 4, encode(SerialState(rx_fifo=b"ab"))),
+                 DeviceRecord("debug-exit", "debug-exit", (0xF4, 4), None, None, encode(DebugExitState(None)))),
     )
     return SnapshotState(snapshot_id="abc", created="2026-11-22T00:00:00+00:00", pyrovisor_version="0.1.0",
                          machine=machine,
@@ -72,7 +75,7 @@ def test_trailing_bytes_and_bad_magic_are_refused() -> None:
         load_state(b"NOTASNAP" + blob[8:], "test")
 
 
-def _rewrap(payload: bytes, version: int = 1) -> bytes:
+def _rewrap(payload: bytes, version: int = FORMAT_VERSION) -> bytes:
     header = HEADER.pack(b"PYRVSNAP", version, 0, 0, len(payload), 0)
     return header + payload + hashlib.sha256(header + payload).digest()
 

@@ -3,38 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
-from rich.table import Table
-
-from pyrovisor.arch.x86_64.cpuid import CpuidEntry
-from pyrovisor.arch.x86_64.layout import parse_size
-from pyrovisor.errors import ConfigError
-from pyrovisor.output import console as output_console
+from pyrovisor.api.cli import dirty_ring_entries, memory_size, positive_seconds, socket_path, vcpu_count
 
 if TYPE_CHECKING:
+    from pyrovisor.api.server import ControlServer
     from pyrovisor.api.terminal import StdoutConsole
+    from pyrovisor.arch.x86_64.cpuid import CpuidEntry
     from pyrovisor.vmm import Vmm
 
 DEFAULT_GUEST = "hello"
 TIMEOUT_EXIT_CODE = 124
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # stop the guest cleanly and exit with 128 + the signal
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = subparsers.add_parser("run", help="run a built-in guest or an ELF file",
                                 description="Run a guest with its console on stdout and the keyboard on its UART "
-                                            "(Ctrl-A x quits when stdin is a terminal). Exits with the guest's exit code.")
+                                            "(Ctrl-A x quits when stdin is a terminal). Exits with the guest's exit "
+                                            "code; SIGTERM or SIGHUP stops the guest and exits with 128 + the signal.")
     run.add_argument("guest", nargs="?", default=DEFAULT_GUEST, help="built-in guest name or path to an ELF file "
                      f"(default: {DEFAULT_GUEST})")
-    run.add_argument("--memory", "-m", type=size_argument, help="guest RAM, e.g. 64M or 1G (default: the guest's manifest, else 64M)")
-    run.add_argument("--vcpus", type=positive_int_argument, help="number of vCPUs (default: the guest's manifest, else 1)")
+    run.add_argument("--memory", "-m", type=memory_size,
+                     help="guest RAM, e.g. 64M or 1G: 2M to 64G in steps of 2M (default: the guest's manifest, else 64M)")
+    run.add_argument("--vcpus", type=vcpu_count, help="number of vCPUs, 1 to 32 and at most what the guest supports "
+                     "(default: the guest's manifest, else 1)")
     run.add_argument("--args", dest="cmdline", help="kernel command line passed to the guest")
     run.add_argument("--initrd", type=Path, help="file placed in guest memory after the kernel")
-    run.add_argument("--timeout", type=float, help="stop the guest after this many seconds (exit code 124)")
-    run.add_argument("--api", type=Path, metavar="SOCKET", help="serve the control API on this Unix socket")
-    run.add_argument("--dirty-ring", type=int, default=0, metavar="ENTRIES",
-                     help="track dirty pages with per-vCPU rings of this many entries instead of the bitmap")
+    run.add_argument("--timeout", type=positive_seconds,
+                     help="stop the guest after this many seconds (exit code 124)")
+    run.add_argument("--api", type=socket_path, metavar="SOCKET", help="serve the control API on this Unix socket")
+    run.add_argument("--dirty-ring", type=dirty_ring_entries, default=0, metavar="ENTRIES",
+                     help="track dirty pages with per-vCPU rings of this many entries (a power of two, at least 256) "
+                          "instead of the bitmap")
     run.set_defaults(handler=_run)
 
     guests = subparsers.add_parser("guests", help="list the built-in guests")
@@ -45,36 +53,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     info.set_defaults(handler=_info)
 
 
-def size_argument(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def positive_int_argument(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def _run(args: argparse.Namespace) -> int:
     from pyrovisor.api.terminal import StdoutConsole
     from pyrovisor.builder import build_vm
-    from pyrovisor.catalog import resolve_guest
+    from pyrovisor.catalog import check_vcpu_limit, resolve_guest
     from pyrovisor.config import DEFAULT_MEMORY, MachineConfig
 
     elf, spec = resolve_guest(args.guest)
+    vcpus = args.vcpus if args.vcpus is not None else (spec.vcpus if spec else 1)
+    check_vcpu_limit(elf, vcpus)
     config = MachineConfig(
         kernel=elf,
-        memory_size=args.memory or (spec.memory_size if spec else DEFAULT_MEMORY),
-        vcpus=args.vcpus or (spec.vcpus if spec else 1),
+        memory_size=args.memory if args.memory is not None else (spec.memory_size if spec else DEFAULT_MEMORY),
+        vcpus=vcpus,
         cmdline=args.cmdline if args.cmdline is not None else (spec.args if spec else ""),
-        initrd=args.initrd or (spec.initrd if spec else None),
+        initrd=args.initrd if args.initrd is not None else (spec.initrd if spec else None),
         dirty_ring_entries=args.dirty_ring,
     )
     console = StdoutConsole()
@@ -82,39 +75,75 @@ def _run(args: argparse.Namespace) -> int:
         return drive(vmm, console, args.api, args.timeout)
 
 
-def drive(vmm: Vmm, console: StdoutConsole, api_socket: Path | None, timeout: float | None) -> int:
-    """Run a VM with the keyboard on its UART and, optionally, the control API; return the exit code."""
+def drive(vmm: Vmm, console: StdoutConsole, api_socket: Path | None, timeout: float | None,
+          server: ControlServer | None = None) -> int:
+    """Run a VM with the keyboard on its UART and, optionally, the control API; return the exit code.
+
+    SIGTERM and SIGHUP stop the guest like Ctrl-A x; the terminal mode is restored, the API socket removed,
+    and the exit code is 128 + the signal number."""
     from pyrovisor.api.server import ControlServer
-    from pyrovisor.api.terminal import TerminalInput
+    from pyrovisor.api.terminal import TerminalInput, host_message
     from pyrovisor.api.vm_routes import VmRoutes
     from pyrovisor.vstate.run_control import RunOutcome, StopReason
 
-    server = ControlServer(api_socket, VmRoutes(vmm).routes) if api_socket is not None else None
-    quit_outcome = RunOutcome(StopReason.HOST_STOP)
-    console.on_closed = lambda: vmm.control.finish(quit_outcome)
+    def stop() -> None:
+        vmm.request_stop(RunOutcome(StopReason.HOST_STOP))
+
+    if server is None and api_socket is not None:  # a `server` given is already serving this VM's routes
+        server = ControlServer(api_socket, VmRoutes(vmm).routes)
+    console.on_closed = stop
     try:
-        with TerminalInput(vmm.console.feed, lambda: vmm.control.finish(quit_outcome)):
+        with _stop_on_signals(stop) as received, TerminalInput(vmm.console.feed, stop):
             outcome = vmm.run(timeout=timeout)
     finally:
         if server is not None:
             server.close()
+    if received:
+        name = signal.Signals(received[0]).name
+        host_message(f"pyrovisor: {name} received: the guest was stopped")
+        return 128 + received[0]
     if outcome.reason is StopReason.GUEST_EXIT:
         assert outcome.exit_code is not None
         return outcome.exit_code
     if outcome.reason is StopReason.MIGRATED:
-        output_console(stderr=True).print("pyrovisor: the guest migrated away; this copy has stopped")
+        host_message("pyrovisor: the guest migrated away; this copy has stopped")
         return 0
     if outcome.reason is StopReason.TIMEOUT:
-        output_console(stderr=True).print(f"pyrovisor: guest still running after {timeout} s: stopped")
+        host_message(f"pyrovisor: guest still running after {timeout:g} s: stopped")
         return TIMEOUT_EXIT_CODE
     if outcome.error is not None:
         raise outcome.error
-    output_console(stderr=True).print(f"pyrovisor: {outcome.describe()}")
+    host_message(f"pyrovisor: {outcome.describe()}")
     return 0 if outcome.reason is StopReason.HOST_STOP else 1
 
 
+@contextmanager
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[list[int]]:
+    """While active, SIGTERM and SIGHUP call `stop` (from a helper thread: a signal handler runs on the main
+    thread between bytecodes, possibly while it holds the lock `stop` needs) and are recorded in the list."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # only the main thread may install handlers; the process default applies
+        return
+
+    def handler(number: int, frame: FrameType | None) -> None:
+        if not received:
+            received.append(number)
+        threading.Thread(target=stop, name="signal-stop", daemon=True).start()
+
+    previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for number, action in previous.items():
+            signal.signal(number, action)
+
+
 def _guests(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
     from pyrovisor.catalog import load_catalog
+    from pyrovisor.output import console as output_console
 
     table = Table(title="built-in guests")
     for column in ("name", "description", "memory", "vCPUs", "args"):
@@ -126,8 +155,11 @@ def _guests(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
     from pyrovisor.kvm import Kvm, loaded_kvm_modules
     from pyrovisor.kvm.caps import CAPABILITY_USES
+    from pyrovisor.output import console as output_console
 
     console = output_console()
     with Kvm() as kvm:

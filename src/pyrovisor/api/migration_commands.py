@@ -9,11 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
 from pyrovisor.api.commands import drive
 from pyrovisor.arch.x86_64.layout import parse_size
-from pyrovisor.errors import ConfigError
+from pyrovisor.errors import ConfigError, PyrovisorError
 from pyrovisor.output import console as output_console
 
 
@@ -21,8 +19,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     receive = subparsers.add_parser("receive", help="wait for a VM migrating in, then run it",
                                     description="Listen for one incoming live migration; once the guest runs "
                                                 "here, behave like `pyrovisor run` (console, API, exit code).")
-    receive.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (or unix:PATH)")
-    receive.add_argument("--api", type=Path, metavar="SOCKET", help="serve the control API on this Unix socket")
+    receive.add_argument("--listen", required=True, metavar="HOST:PORT",
+                         help="address to listen on (or unix:PATH); without --psk-file only a loopback address or "
+                              "a Unix socket (created mode 0600)")
+    receive.add_argument("--psk-file", type=Path, metavar="FILE",
+                         help="pre-shared key (16 bytes or more, in a file only you can read): the source must prove "
+                              "it holds the same key, and every frame and page is authenticated")
+    receive.add_argument("--insecure", action="store_true",
+                         help="allow a non-loopback --listen address without --psk-file: anyone who can reach it "
+                              "may send a VM that runs here with this process's rights, and anyone on the path may "
+                              "read or alter the guest's memory in transit")
+    receive.add_argument("--api", type=Path, metavar="SOCKET",
+                         help="serve the control API on this Unix socket (claimed before listening)")
     receive.add_argument("--accept-timeout", type=float, help="give up if no source connects within this many seconds")
     receive.add_argument("--timeout", type=float, help="stop the guest this many seconds after it arrives")
     receive.set_defaults(handler=_receive)
@@ -42,6 +50,9 @@ def add_ctl_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     migrate.add_argument("--on-limit", choices=("switch-over", "cancel"), default="switch-over",
                          help="at --max-rounds or --timeout-s: stop and copy anyway, or cancel")
     migrate.add_argument("--timeout-s", type=float, default=600, help="time before the limit policy applies")
+    migrate.add_argument("--psk-file", type=Path, metavar="FILE",
+                         help="pre-shared key, the same as the destination's --psk-file: both ends authenticate "
+                              "each other and every frame and page (read by the VMM, so give a path it can read)")
     migrate.add_argument("--json", action="store_true", help="print the statistics as JSON")
     migrate.set_defaults(handler=_ctl_migrate)
 
@@ -54,28 +65,49 @@ def _rate(text: str) -> float:
 
 
 def _receive(args: argparse.Namespace) -> int:
-    from pyrovisor.api.terminal import StdoutConsole
+    """Everything the arrived VM needs here is claimed before listening (the API socket) or done before the
+    source is told it may stop (attaching the API's routes): a failure then leaves the guest at the source."""
+    from pyrovisor.api.server import ControlServer, Routes
+    from pyrovisor.api.terminal import StdoutConsole, host_message
+    from pyrovisor.api.vm_routes import VmRoutes
+    from pyrovisor.migration.auth import load_psk
     from pyrovisor.migration.destination import receive
+    from pyrovisor.vmm import Vmm
 
+    psk = load_psk(args.psk_file) if args.psk_file is not None else None
     console = StdoutConsole()
-    errors = output_console(stderr=True)
-    arrival = receive(args.listen, console, accept_timeout=args.accept_timeout,
-                      on_listening=lambda: errors.print(f"pyrovisor: listening on {args.listen}"))
-    errors.print(f"pyrovisor: VM arrived from {arrival.source} after {arrival.rounds} rounds "
+    routes = Routes()
+    server = ControlServer(args.api, routes) if args.api is not None else None
+
+    def attach_api(vmm: Vmm) -> None:
+        if server is not None:
+            VmRoutes(vmm, routes)
+
+    try:
+        arrival = receive(args.listen, console, accept_timeout=args.accept_timeout, psk=psk, insecure=args.insecure,
+                          on_listening=lambda: host_message(f"pyrovisor: listening on {args.listen}"),
+                          on_started=attach_api)
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
+    host_message(f"pyrovisor: VM arrived from {arrival.source} after {arrival.rounds} rounds "
                  f"({arrival.bytes_received / 2**20:.1f} MiB); downtime {arrival.downtime_s * 1e3:.1f} ms")
     with arrival.vmm as vmm:
-        return drive(vmm, console, args.api, args.timeout)
+        return drive(vmm, console, None, args.timeout, server=server)
 
 
 def _ctl_migrate(args: argparse.Namespace) -> int:
     from pyrovisor.api.client import ApiClient
     from pyrovisor.migration.stats import MigrationResult, rounds_table, summary_lines
-    from pyrovisor.snapshot.codec import decode
+    from pyrovisor.persist.codec import decode
 
     client = ApiClient(args.socket)
     body = {"to": args.to, "downtime_ms": args.downtime_ms, "auto_converge": args.auto_converge,
             "max_bandwidth": args.max_bandwidth, "compress": args.compress, "verify": args.verify,
             "max_rounds": args.max_rounds, "on_limit": args.on_limit, "timeout_s": args.timeout_s, "wait": True}
+    if args.psk_file is not None:  # the VMM opens it, perhaps from another directory
+        body["psk_file"] = str(args.psk_file.resolve())
     outcome: dict[str, Any] = {}
 
     def start() -> None:
@@ -86,32 +118,35 @@ def _ctl_migrate(args: argparse.Namespace) -> int:
 
     worker = threading.Thread(target=start, daemon=True)
     worker.start()
-    if not args.json:
-        _show_progress(client, worker)
+    progress_console = output_console(stderr=True)
+    if not args.json and progress_console.is_terminal:  # a progress bar is for people, and not the output
+        _show_progress(client, worker, progress_console)
     worker.join()
     if "error" in outcome:
         raise outcome["error"]
     status = outcome["status"]
+    completed = status.get("state") == "completed"
     if args.json:
         print(json.dumps(status, indent=2))
-    else:
+    elif completed:
         console = output_console()
-        if status.get("state") == "completed":
-            result = decode(MigrationResult, status["result"], "migration result")
-            console.print(rounds_table(result))
-            for line in summary_lines(result):
-                console.print(line)
-        else:
-            console.print(f"[red]migration failed[/red]: {status.get('error', status.get('state'))}; "
-                          "the VM keeps running here")
-    return 0 if status.get("state") == "completed" else 1
+        result = decode(MigrationResult, status["result"], "migration result")
+        console.print(rounds_table(result))
+        for line in summary_lines(result):
+            console.print(line)
+    if not completed:  # one `pyrovisor: error:` line on stderr (cli.main), exit code 1
+        raise PyrovisorError(f"{status.get('error') or 'migration ' + str(status.get('state'))}; the VM keeps "
+                             "running here")
+    return 0
 
 
-def _show_progress(client: Any, worker: threading.Thread) -> None:
+def _show_progress(client: Any, worker: threading.Thread, console: Any) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     from pyrovisor.errors import ControlError
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as bar:
+    with Progress(*columns, transient=True, console=console) as bar:
         task = bar.add_task("connecting", total=1, detail="")
         round_start = (0, 0, 1)  # round, pages sent before it, its pages
         while worker.is_alive():

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pyrovisor.api.commands import positive_int_argument, size_argument
+from pyrovisor.api.cli import memory_size, positive_int, positive_seconds, vcpu_count
 
 if TYPE_CHECKING:
     from pyrovisor.sandbox import SandboxReport
+
+DEFAULT_MEMORY = "256M"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,31 +26,36 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mode.add_argument("--make-base", type=Path, metavar="DIR", help="create a base snapshot in DIR")
     mode.add_argument("--base", type=Path, metavar="DIR", help="the base snapshot to restore for every run")
     sandbox.add_argument("--run", metavar="\"PROGRAM ARGS\"", help="the program to run and its key=value arguments")
-    sandbox.add_argument("--timeout", type=float, default=30.0, help="seconds before a run is stopped (default 30)")
-    sandbox.add_argument("--runs", type=positive_int_argument, default=1, help="runs, each from a fresh restore")
+    sandbox.add_argument("--timeout", type=positive_seconds, default=30.0,
+                         help="seconds before a run is stopped (default 30)")
+    sandbox.add_argument("--runs", type=positive_int, default=1, help="runs, each from a fresh restore")
     sandbox.add_argument("--log", type=Path, default=Path("sandbox.log"),
                          help="the guest's console, appended run after run (default: sandbox.log)")
     sandbox.add_argument("--json", action="store_true", help="print the reports as JSON")
-    sandbox.add_argument("--memory", "-m", type=size_argument, default=256 << 20,
-                         help="guest RAM for --make-base (default 256M)")
-    sandbox.add_argument("--vcpus", type=positive_int_argument, default=1, help="vCPUs for --make-base (default 1)")
+    sandbox.add_argument("--memory", "-m", type=memory_size, help=f"guest RAM for --make-base (default {DEFAULT_MEMORY})")
+    sandbox.add_argument("--vcpus", type=vcpu_count, help="vCPUs for --make-base (default 1)")
     sandbox.set_defaults(handler=_sandbox, parser=sandbox)
 
 
 def _sandbox(args: argparse.Namespace) -> int:
+    from pyrovisor.arch.x86_64.layout import parse_size
     from pyrovisor.output import console
     from pyrovisor.sandbox import Sandbox, make_base
 
     if args.make_base is not None:
         if args.run is not None:
             args.parser.error("--run needs --base, not --make-base")
-        make_base(args.make_base, args.memory, args.vcpus)
+        memory = args.memory if args.memory is not None else parse_size(DEFAULT_MEMORY)
+        make_base(args.make_base, memory, args.vcpus if args.vcpus is not None else 1)
         console().print(f"sandbox base written to {args.make_base}")
         return 0
     if args.run is None:
         args.parser.error("--base needs --run \"PROGRAM ARGS\"")
-    if args.timeout <= 0:
-        args.parser.error("--timeout must be positive")
+    for flag, value in (("--memory", args.memory), ("--vcpus", args.vcpus)):
+        if value is not None:
+            args.parser.error(f"{flag} applies to --make-base; a run restores the base's memory and vCPUs")
+    if not args.log.parent.is_dir():
+        args.parser.error(f"--log {args.log}: directory {args.log.parent} does not exist")
     reports = []
     with Sandbox(args.base, args.log) as sandbox:
         for _ in range(args.runs):
@@ -61,16 +68,17 @@ def _sandbox(args: argparse.Namespace) -> int:
 
 
 def _print(reports: list[SandboxReport]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from pyrovisor.output import console
 
     out = console()
     for report in reports:
-        table = Table(title=f"run {report.run}: {report.command} — {report.outcome}, program pid "
-                            f"{report.program_pid} exit {report.program_exit_code}; {report.pages_changed} pages changed "
+        table = Table(title=escape(f"run {report.run}: {report.command} — {report.outcome}, {report.describe_program()}; "
+                            f"{report.pages_changed} pages changed "
                             f"({report.pages_written} written), {report.pages_of('user')} user, "
-                            f"{report.pages_of('kernel')} kernel")
+                            f"{report.pages_of('kernel')} kernel"))
         for column in ("guest-physical", "pages", "memory", "pid", "process", "virtual address"):
             table.add_column(column)
         for r in report.ranges:

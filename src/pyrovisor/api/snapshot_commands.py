@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pyrovisor.api.cli import positive_seconds, socket_path
 from pyrovisor.api.commands import drive
 from pyrovisor.api.migration_commands import add_ctl_verbs
 
@@ -19,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     restore.add_argument("--eager", action="store_true",
                          help="read all memory now instead of mapping the memory file copy-on-write")
     restore.add_argument("--verify", action="store_true", help="check the memory files' checksums before restoring")
-    restore.add_argument("--api", type=Path, metavar="SOCKET", help="serve the control API on this Unix socket")
-    restore.add_argument("--timeout", type=float, help="stop the guest after this many seconds (exit code 124)")
+    restore.add_argument("--api", type=socket_path, metavar="SOCKET", help="serve the control API on this Unix socket")
+    restore.add_argument("--timeout", type=positive_seconds,
+                         help="stop the guest after this many seconds (exit code 124)")
     restore.set_defaults(handler=_restore)
 
     ctl = subparsers.add_parser("ctl", help="control a running VMM through its API socket")

@@ -97,14 +97,22 @@ def _stdin_fd() -> int | None:
 
 class StdoutConsole:
     """Console output to stdout, unbuffered. If the reader goes away (a closed pipe), output is dropped
-    from then on and `on_closed` is called once, so the VMM can stop instead of failing in a vCPU thread."""
+    from then on and `on_closed` is called once, so the VMM can stop instead of failing in a vCPU thread.
+
+    It remembers whether the guest left stdout in the middle of a line, so that `host_message` can start
+    the host's own lines on a fresh one."""
 
     def __init__(self) -> None:
         self.on_closed: Callable[[], None] | None = None
         self._closed = False
 
+    @property
+    def mid_line(self) -> bool:
+        """True when the last byte written to stdout was not a newline."""
+        return _stdout.mid_line
+
     def __call__(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or not data:
             return
         stream = sys.stdout
         try:
@@ -114,11 +122,43 @@ class StdoutConsole:
             else:
                 stream.write(data.decode("latin-1"))
             stream.flush()
+            _stdout.mid_line = data[-1:] != b"\n"
         except BrokenPipeError:
             self._closed = True
             _silence_stdout()
             if self.on_closed is not None:
                 self.on_closed()
+
+
+class _StdoutState:
+    """What guest consoles last left on this process's stdout (shared by every StdoutConsole)."""
+
+    mid_line = False
+
+
+_stdout = _StdoutState()
+
+
+def host_message(line: str) -> None:
+    """Write one line of the host's own (a notice or an error) to stderr.
+
+    When a guest console left stdout mid-line and stdout and stderr reach the same terminal or file, a
+    newline comes first, so the message does not continue the guest's half-printed line."""
+    shared = _same_destination()
+    prefix = "\n" if _stdout.mid_line and shared else ""
+    if shared:
+        _stdout.mid_line = False
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"{prefix}{line}\n")
+        sys.stderr.flush()
+
+
+def _same_destination() -> bool:
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
 
 
 def _silence_stdout() -> None:

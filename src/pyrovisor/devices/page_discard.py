@@ -20,6 +20,14 @@ REQUEST_RANGE = struct.Struct("<QQ")  # guest physical address, pages
 
 
 @dataclass(frozen=True)
+class PageDiscardArgs:
+    """What a PageDiscard needs besides its state: how to read requests and release pages."""
+
+    read_memory: Callable[[int, int], bytes]
+    release: Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
 class PageDiscardState:
     requests: int = 0
     pages: int = 0
@@ -45,6 +53,10 @@ class PageDiscard:
 
     def save(self) -> PageDiscardState:
         return PageDiscardState(self.requests, self.pages, self.rejected)
+
+    @classmethod
+    def restore(cls, args: PageDiscardArgs, state: PageDiscardState) -> PageDiscard:
+        return cls(args.read_memory, args.release, state)
 
     def read(self, offset: int, size: int) -> int:
         if offset == 0 and size == 4:

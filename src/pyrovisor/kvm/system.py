@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import weakref
 from pathlib import Path
 
 from pyrovisor.arch.x86_64.cpuid import CpuidEntry
@@ -36,9 +37,10 @@ class Kvm:
                                       "(sudo usermod -aG kvm $USER, then log in again) or run as root") from None
         except OSError as exc:
             raise KvmUnavailableError(path, os.strerror(exc.errno or 0), "Check that KVM works on this host") from None
+        self._close_fd = weakref.finalize(self, os.close, self.fd)  # if the object is dropped unclosed
         version = self.get_api_version()
         if version != EXPECTED_API_VERSION:
-            os.close(self.fd)
+            self.close()
             raise KvmUnavailableError(path, f"KVM API version {version}", f"pyrovisor needs version {EXPECTED_API_VERSION}")
         self.vcpu_mmap_size = self.get_vcpu_mmap_size()
 
@@ -81,8 +83,8 @@ class Kvm:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
             self.fd = -1
+            self._close_fd()
 
     def __enter__(self) -> Kvm:
         return self

@@ -6,6 +6,7 @@ import ctypes
 import errno
 import mmap
 import os
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
@@ -28,7 +29,12 @@ class VcpuFd:
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
         self.fd = fd
         self.vcpu_id = vcpu_id
-        self.run_page = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._close_fd = weakref.finalize(self, os.close, fd)  # closes the fd if the object is dropped unclosed
+        try:
+            self.run_page = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            self._close_fd()
+            raise KvmError("mmap of kvm_run", exc.errno or 0) from None
         self._decoder = ExitDecoder(self.run_page)
 
     # --- running --------------------------------------------------------------------------------
@@ -185,10 +191,14 @@ class VcpuFd:
         return value
 
     def close(self) -> None:
+        """Unmap kvm_run and close the fd. The fd number is retired first, so a thread still using this
+        object gets EBADF rather than reaching a file that reuses the number."""
         if self.fd < 0:
             return
-        self._decoder.close()
-        self.run_page.close()
-        os.close(self.fd)
         self.fd = -1
+        try:
+            self._decoder.close()
+            self.run_page.close()
+        finally:
+            self._close_fd()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 
 from pyrovisor.kvm import uapi
 from pyrovisor.kvm.caps import Cap
@@ -37,6 +38,7 @@ class VmFd:
     def __init__(self, fd: int, vcpu_mmap_size: int) -> None:
         self.fd = fd
         self.vcpu_mmap_size = vcpu_mmap_size
+        self._close_fd = weakref.finalize(self, os.close, fd)  # closes the fd if the object is dropped unclosed
 
     # --- capabilities ---------------------------------------------------------------------------
     def check_extension(self, cap: Cap | int) -> int:
@@ -170,5 +172,5 @@ class VmFd:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
             self.fd = -1
+            self._close_fd()

@@ -1,7 +1,9 @@
-"""Printing lab results as rich tables and saving their plots as PNG files."""
+"""Printing lab results as rich tables and saving their plots as PNG, SVG or PDF files."""
 
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -31,12 +33,38 @@ def print_result(result: LabResult, console: Console | None = None) -> None:
         console.print(line)
 
 
+PLOT_FORMATS = (".png", ".svg", ".pdf")  # written by matplotlib's headless backend, chosen by the suffix
+
+
+def check_plot_path(path: Path) -> None:
+    """Refuse a plot file that could not be written, before a model spends minutes computing."""
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise ConfigError("--plot", str(path), f"give a file name ending in {', '.join(PLOT_FORMATS)}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigError("--plot", str(path), f"directory {str(parent)!r} does not exist")
+    if path.exists() and not path.is_file():
+        raise ConfigError("--plot", str(path), "exists and is not a file")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise ConfigError("--plot", str(path), "not writable" if path.exists() else f"directory {str(parent)!r} "
+                          "is not writable")
+
+
+def plot_path(text: str) -> Path:
+    """argparse type of --plot: a path check_plot_path accepts."""
+    path = Path(text)
+    try:
+        check_plot_path(path)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc.reason}") from None
+    return path
+
+
 def save_plot(result: LabResult, path: Path) -> None:
-    """Draw the result's plot into a PNG file (headless backend)."""
+    """Draw the result's plot into a PNG, SVG or PDF file, by the suffix (headless backend)."""
     if result.plot is None:
         raise ConfigError("--plot", str(path), "this model has no plot")
-    if path.suffix.lower() != ".png":
-        raise ConfigError("--plot", str(path), "the plot is written as PNG: give a file name ending in .png")
+    check_plot_path(path)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,8 +8,11 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
+import numpy as np
+
 from pyrovisor.errors import ConfigError, GuestMemoryError
-from pyrovisor.memory.region import PAGE_SIZE, MemoryRegion
+from pyrovisor.memory.region import MemoryRegion
+from pyrovisor.memory.write_log import HostWriteLog
 
 CT = TypeVar("CT", bound=ctypes.Structure)
 
@@ -37,7 +40,7 @@ class GuestMemory:
             if before.end > after.gpa:
                 raise ConfigError("guest memory", (before, after), "regions overlap")
         self._starts = [region.gpa for region in self._regions]
-        self._tracked_pages: set[int] | None = None
+        self._write_log = HostWriteLog(self._regions)
 
     # --- layout -------------------------------------------------------------------------------
     @property
@@ -124,7 +127,11 @@ class GuestMemory:
         self._record(gpa, size)
 
     def view(self, gpa: int, size: int) -> memoryview:
-        """A zero-copy window on guest memory (must lie in one region). Writes through it are not tracked."""
+        """A zero-copy window on guest memory (must lie in one region).
+
+        Writes through it are not tracked: call `mark_written` for them. Release the view (or use it in
+        a `with` block) before closing the memory.
+        """
         region, offset = self._locate(gpa, size)
         return region.view[offset:offset + size]
 
@@ -181,31 +188,47 @@ class GuestMemory:
     # --- dirty tracking of host-side writes ----------------------------------------------------
     def start_tracking(self) -> None:
         """Record the pages written through this object from now on (device and loader writes)."""
-        self._tracked_pages = set()
+        self._write_log.start()
 
     def stop_tracking(self) -> None:
-        self._tracked_pages = None
+        self._write_log.stop()
 
-    def take_tracked_pages(self) -> set[int]:
-        """Guest page frame numbers written since the last call (tracking must be on)."""
-        if self._tracked_pages is None:
+    @property
+    def tracking(self) -> bool:
+        return self._write_log.active
+
+    def take_tracked_pages(self) -> np.ndarray:
+        """Sorted guest page frame numbers written since the last call (tracking must be on)."""
+        if not self._write_log.active:
             raise GuestMemoryError(0, 0, "write tracking is not enabled")
-        pages, self._tracked_pages = self._tracked_pages, set()
-        return pages
+        return self._write_log.take()
+
+    def mark_written(self, gpa: int, size: int) -> None:
+        """Record a write made through a `view()` (zero-copy device I/O)."""
+        self._checked(gpa, size)
+        self._record(gpa, size)
 
     def _record(self, gpa: int, size: int) -> None:
-        if self._tracked_pages is not None and size:
-            self._tracked_pages.update(range(gpa // PAGE_SIZE, (gpa + size - 1) // PAGE_SIZE + 1))
+        if self._write_log.active:
+            self._write_log.record(gpa, size)
 
     # --- host-side management -----------------------------------------------------------------
     def discard(self, gpa: int, size: int) -> None:
         """Return the backing pages of [gpa, gpa+size) to the host (balloon): the guest then reads zeros."""
         for region, offset, length in self._checked(gpa, size):
             region.discard(offset, length)
+        self._record(gpa, size)
 
     def close(self) -> None:
+        """Unmap every region (each one is tried even if another fails; the first failure is raised)."""
+        failure: GuestMemoryError | None = None
         for region in self._regions:
-            region.close()
+            try:
+                region.close()
+            except GuestMemoryError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def __repr__(self) -> str:
         parts = ", ".join(f"[{r.gpa:#x}-{r.end:#x})" for r in self._regions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import weakref
 from enum import Enum
 from pathlib import Path
 
@@ -36,8 +37,8 @@ class MemoryRegion:
         self.size = size
         self.backing = backing
         self._mapping = mapping
-        self._fd = fd
-        self._anchor = (ctypes.c_char * size).from_buffer(mapping, offset)
+        self._close_fd = weakref.finalize(self, os.close, fd) if fd is not None else None
+        self._anchor: ctypes.Array[ctypes.c_char] | None = (ctypes.c_char * size).from_buffer(mapping, offset)
         self.host_address = ctypes.addressof(self._anchor)
         self.view = memoryview(mapping)[offset:offset + size]
         self._pins = 0
@@ -107,11 +108,15 @@ class MemoryRegion:
         if self._pins:
             raise GuestMemoryError(self.gpa, self.size, f"region is still in use by {self._pins} memslot(s)")
         self.view.release()
-        del self._anchor
-        self._mapping.close()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._anchor = None
+        try:
+            self._mapping.close()
+        except BufferError:
+            raise GuestMemoryError(self.gpa, self.size, "a view of this memory is still in use; it is unmapped "
+                                   "when the last view is released") from None
+        finally:
+            if self._close_fd is not None:
+                self._close_fd()
 
     # --- host-side operations -----------------------------------------------------------------
     def discard(self, offset: int, length: int) -> None:

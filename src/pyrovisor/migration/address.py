@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 from pyrovisor.errors import ConfigError, MigrationError
 
 SOCKET_BUFFER = 8 << 20
+SOCKET_MODE = 0o600  # a Unix listening socket: only its owner may connect
 
 
 @dataclass(frozen=True)
@@ -19,7 +22,21 @@ class Address:
     path: Path | None = None
 
     def __str__(self) -> str:
-        return f"unix:{self.path}" if self.path is not None else f"{self.host}:{self.port}"
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if self.host is not None and ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_local(self) -> bool:
+        """Only this host can reach it: a Unix socket (mode 0600) or a loopback address."""
+        if self.path is not None:
+            return True
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host or "").is_loopback
+        except ValueError:
+            return False  # a host name: whatever it resolves to may be reachable from elsewhere
 
 
 def parse_address(text: str) -> Address:
@@ -64,7 +81,14 @@ def listen(address: Address) -> socket.socket:
                 if address.path.is_socket():
                     address.path.unlink()
             server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            server.bind(str(address.path))
+            try:
+                with contextlib.suppress(OSError):  # the file is created with this mode (less the umask)
+                    os.fchmod(server.fileno(), SOCKET_MODE)
+                server.bind(str(address.path))
+                os.chmod(address.path, SOCKET_MODE)
+            except OSError:
+                server.close()
+                raise
         else:
             assert address.host is not None and address.port is not None
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET

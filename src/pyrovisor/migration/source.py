@@ -10,24 +10,39 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pyrovisor import __version__
-from pyrovisor.errors import MigrationError, PyrovisorError
+from pyrovisor.arch.x86_64.cpuid import CpuidEntry
+from pyrovisor.errors import LifecycleError, MigrationError, PyrovisorError
 from pyrovisor.memory import GuestMemory
-from pyrovisor.migration.address import connect, parse_address
-from pyrovisor.migration.pages import PageSender, SendTally, excused_frames
+from pyrovisor.migration.address import Address, connect, parse_address
+from pyrovisor.migration.auth import authenticate_source, load_psk
+from pyrovisor.migration.pages import MAX_RUNS_PER_MESSAGE, PageSender, SendTally, rewritten_runs
 from pyrovisor.migration.policy import Action, ConvergencePolicy, PrecopyPolicy, RoundStats
-from pyrovisor.migration.protocol import PAGE_SIZE, PROTOCOL_VERSION, Connection, MessageType, expect
+from pyrovisor.migration.protocol import (
+    PAGE_SIZE,
+    PROTOCOL_NAME,
+    PROTOCOL_VERSION,
+    Connection,
+    MessageType,
+    Role,
+    expect,
+    peer_text,
+    send_error,
+)
 from pyrovisor.migration.rate import RateLimiter
 from pyrovisor.migration.stats import MigrationResult
 from pyrovisor.migration.throttle import Throttler
-from pyrovisor.snapshot.capture import capture_machine
-from pyrovisor.snapshot.codec import encode
+from pyrovisor.persist.codec import encode
 from pyrovisor.vmm import Vmm
 from pyrovisor.vstate.dirty import DirtyLog
-from pyrovisor.vstate.run_control import RunOutcome, StopReason
+from pyrovisor.vstate.lifecycle import Operation
+from pyrovisor.vstate.run_control import PauseHold
+from pyrovisor.vstate.vcpu_state import host_tsc_khz
 
 CONNECT_TIMEOUT_S = 10.0
 RESUME_TIMEOUT_S = 30.0
@@ -40,6 +55,7 @@ class MigrationOptions:
     max_bandwidth: float | None = None  # bytes per second, to emulate a slower link
     verify_memory: bool = False  # hash all RAM at pause on both sides (adds to the downtime)
     io_timeout_s: float = 60.0
+    psk_file: Path | str | None = None  # pre-shared key: authenticate both ends, MAC every frame (auth.py)
 
 
 @dataclass
@@ -81,21 +97,31 @@ class _Migration:
         self.progress = progress
         self.cancelled = cancelled
         self.throttler = Throttler(vmm)
-        self.paused_by_us = False
+        self.hold: PauseHold | None = None  # stop-and-copy's hold on the vCPUs
         self.dirty: DirtyLog | None = None
 
     def run(self) -> MigrationResult:
-        vmm = self.vmm
-        if vmm.outcome is not None or not vmm.started:
-            raise MigrationError("start", "only a running VM can be migrated")
-        if vmm.paused:
-            raise MigrationError("start", "the VM is paused; resume it before migrating")
+        """The whole migration as the VM's one operation: no snapshot or second migration meanwhile."""
         address = parse_address(self.destination)
+        try:
+            psk = load_psk(self.options.psk_file) if self.options.psk_file is not None else None
+        except PyrovisorError as exc:
+            raise MigrationError("start", str(exc)) from None
+        with contextlib.ExitStack() as scope:
+            try:
+                scope.enter_context(self.vmm.operation(Operation.MIGRATION))
+            except LifecycleError as exc:
+                raise MigrationError("start", f"{exc.reason} (the VM is {exc.state})") from None
+            return self._run(address, psk)
+
+    def _run(self, address: Address, psk: bytes | None) -> MigrationResult:
         started = time.perf_counter()
-        connection = Connection(connect(address, CONNECT_TIMEOUT_S))
+        cpuid, tsc_khz = self._guest_cpu()
+        connection = Connection(connect(address, CONNECT_TIMEOUT_S), Role.SOURCE)
         connection.sock.settimeout(self.options.io_timeout_s)
         try:
-            return self._migrate(connection, str(address), started)
+            authenticate_source(connection, psk)
+            return self._migrate(connection, str(address), started, cpuid, tsc_khz)
         except MigrationError as exc:
             peer_reason = connection.peer_error() if exc.phase == "stream" else None
             self._recover(connection, exc)
@@ -112,25 +138,32 @@ class _Migration:
         """Leave the source as it was: running, not throttled, no dirty logging left behind."""
         self.throttler.stop()
         self.progress.phase = "failed"
-        reason = str(error) if isinstance(error, PyrovisorError) else repr(error)
-        with contextlib.suppress(PyrovisorError):
-            connection.send_json(MessageType.ERROR, {"reason": f"source: {reason}"})
-        if self.paused_by_us and self.vmm.outcome is None:
-            self.vmm.resume()
-            self.paused_by_us = False
+        send_error(connection, "source", error)
+        if self.hold is not None:
+            self.hold.release()  # only migration's hold: a user's pause stays
+            self.hold = None
         if self.dirty is not None:
             self.dirty.close()
 
-    def _migrate(self, connection: Connection, destination: str, started: float) -> MigrationResult:
+    def _guest_cpu(self) -> tuple[tuple[CpuidEntry, ...], int]:
+        """The CPUID vCPU 0 presents and its TSC rate, read in a brief pause (a vCPU ioctl waits while the
+        vCPU is in KVM_RUN, which can last as long as the guest does not exit)."""
+        try:
+            with self.vmm.paused("migration handshake"):
+                fd = self.vmm.vcpus[0].fd
+                return fd.get_cpuid2(), host_tsc_khz(fd)
+        except PyrovisorError as exc:  # the VM is not running, or KVM refused
+            raise MigrationError("start", str(exc)) from None
+
+    def _migrate(self, connection: Connection, destination: str, started: float,
+                 cpuid: tuple[CpuidEntry, ...], tsc_khz: int) -> MigrationResult:
         vmm, options, progress = self.vmm, self.options, self.progress
-        machine_shape = {"config": encode(vmm.config),
-                         "ram": [[r.gpa, r.size] for r in vmm.memory.regions]}
-        connection.send_json(MessageType.HELLO, {"protocol": "pyrovisor-migration", "version": PROTOCOL_VERSION,
-                                                 "pyrovisor": __version__, "source": socket.gethostname(),
-                                                 "pid": os.getpid(), "page_size": PAGE_SIZE, **machine_shape})
-        welcome = expect(connection.receive(), MessageType.WELCOME).json()
-        if not welcome.get("accepted"):
-            raise MigrationError("handshake", f"destination refused: {welcome.get('reason', 'no reason given')}")
+        connection.send_json(MessageType.HELLO, {
+            "protocol": PROTOCOL_NAME, "version": PROTOCOL_VERSION, "pyrovisor": __version__,
+            "source": socket.gethostname(), "pid": os.getpid(), "page_size": PAGE_SIZE, "config": encode(vmm.config),
+            "ram": [[r.gpa, r.size] for r in vmm.memory.regions],
+            "cpuid": [[e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] for e in cpuid], "tsc_khz": tsc_khz})
+        read_welcome(connection)
 
         sender = PageSender(vmm.memory, connection, RateLimiter(options.max_bandwidth), options.compression)
         self.dirty = dirty = vmm.dirty.subscribe()
@@ -148,8 +181,7 @@ class _Migration:
             sender.send(pending, tally, self.cancelled)
             dirtied = dirty.collect_array()
             duration = time.perf_counter() - round_started
-            connection.send_json(MessageType.ROUND_END, {"round": len(history),
-                                                         "excused": excused_frames(tally.frames, dirtied)})
+            send_round_end(connection, len(history), rewritten_runs(pending, dirtied))
             if tally.data_bytes >= 1 << 20 or bandwidth_estimate == 0.0:
                 bandwidth_estimate = tally.data_bytes / tally.send_seconds if tally.send_seconds else bandwidth_estimate
             stats = RoundStats(
@@ -186,23 +218,25 @@ class _Migration:
         progress.phase = "stop-and-copy"
         paused_at_wall = time.time()
         paused_at = time.perf_counter()
-        if not vmm.pause():
-            raise MigrationError("stop-and-copy", "the guest stopped during the migration")
-        self.paused_by_us = True
+        try:
+            self.hold = vmm.hold("migration")
+        except LifecycleError as exc:
+            raise MigrationError("stop-and-copy", str(exc)) from None
         assert self.dirty is not None
         final = np.union1d(pending, self.dirty.collect_array())
         progress.pages_left = len(final)
         tally = SendTally()
         sender.send(final, tally)
-        machine = capture_machine(vmm)
+        machine = vmm.save_state()
         digest = digest_memory(vmm.memory) if options.verify_memory else None
         connection.send_json(MessageType.STATE, {"machine": encode(machine), "paused_at": paused_at_wall,
                                                  "memory_sha256": digest})
-        resumed = expect(connection.receive(), MessageType.RESUMED).json()
+        resumed_at, digest_destination = read_resumed(connection)
         downtime_source = time.perf_counter() - paused_at
         # Commit: the guest runs at the destination, so this copy stops for good.
-        vmm.control.finish(RunOutcome(StopReason.MIGRATED))
-        self.paused_by_us = False
+        vmm.lifecycle.migrated_away()
+        self.hold.release()
+        self.hold = None
         progress.phase = "completed"
         # If this confirmation is lost the destination stops its copy too (see destination.py): the one
         # window where the guest is lost rather than duplicated.
@@ -219,10 +253,41 @@ class _Migration:
         return MigrationResult(
             destination=destination, rounds=rounds, total_seconds=time.perf_counter() - started,
             downtime_source_s=downtime_source,
-            downtime_destination_s=float(resumed.get("resumed_at", paused_at_wall)) - paused_at_wall,
+            downtime_destination_s=resumed_at - paused_at_wall if resumed_at is not None else 0.0,
             bytes_on_wire=connection.bytes_sent, memory_bytes=vmm.memory.size, switch_reason=reason,
-            memory_digest_source=digest, memory_digest_destination=resumed.get("memory_sha256"),
+            memory_digest_source=digest, memory_digest_destination=digest_destination,
         )
+
+
+def send_round_end(connection: Connection, round_number: int, rewritten: list[list[int]]) -> None:
+    """End a round, naming the pages of it rewritten after they were read: in DIRTIED messages first when
+    there are many runs, so that every message stays small."""
+    while len(rewritten) > MAX_RUNS_PER_MESSAGE:
+        chunk, rewritten = rewritten[:MAX_RUNS_PER_MESSAGE], rewritten[MAX_RUNS_PER_MESSAGE:]
+        connection.send_json(MessageType.DIRTIED, {"round": round_number, "rewritten": chunk})
+    connection.send_json(MessageType.ROUND_END, {"round": round_number, "rewritten": rewritten})
+
+
+def read_welcome(connection: Connection) -> None:
+    """The destination's answer to HELLO: returns if it accepted the VM, raises MigrationError otherwise."""
+    welcome = expect(connection.receive(), MessageType.WELCOME).json()
+    if welcome.get("accepted") is True:
+        return
+    reason = welcome.get("reason")
+    shown = peer_text(reason) if isinstance(reason, str) else "no reason given"
+    raise MigrationError("handshake", f"destination refused: {shown}")
+
+
+def read_resumed(connection: Connection) -> tuple[float | None, str | None]:
+    """The destination's RESUMED message: when the guest resumed there (its clock) and its memory digest."""
+    resumed = expect(connection.receive(), MessageType.RESUMED).json()
+    at: Any = resumed.get("resumed_at")
+    digest: Any = resumed.get("memory_sha256")
+    if at is not None and (isinstance(at, bool) or not isinstance(at, int | float)):
+        raise MigrationError("stop-and-copy", "malformed RESUMED message: 'resumed_at' must be a time")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        raise MigrationError("stop-and-copy", "malformed RESUMED message: 'memory_sha256' must be a SHA-256 digest")
+    return (float(at) if at is not None else None), digest
 
 
 class BackgroundMigration:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import threading
 import time
 
+from pyrovisor.errors import PyrovisorError
 from pyrovisor.vmm import Vmm
 
 PERIOD_S = 0.02
 
 
 class Throttler:
-    """Duty-cycle pauses of every vCPU: paused `fraction` of each 20 ms period while active."""
+    """Duty-cycle pauses of every vCPU: held `fraction` of each 20 ms period while active.
+
+    Each pause is a hold of its own, so releasing it never resumes a guest that someone else holds.
+    """
 
     def __init__(self, vmm: Vmm) -> None:
         self._vmm = vmm
@@ -40,10 +44,14 @@ class Throttler:
             if self._stop.is_set():
                 break
             started = time.monotonic()
-            if not self._vmm.pause():
+            try:
+                hold = self._vmm.hold("throttle")
+            except PyrovisorError:  # the VM stopped: nothing left to throttle
                 break
-            self._stop.wait(PERIOD_S * fraction)
-            self._vmm.resume()
+            try:
+                self._stop.wait(PERIOD_S * fraction)
+            finally:
+                hold.release()  # only this hold: a snapshot's or stop-and-copy's stays
             self.paused_seconds += time.monotonic() - started
 
     def stop(self) -> None:

@@ -26,7 +26,7 @@ class SandboxReport:
     command: str
     outcome: str  # "exited", "timeout" or "error: ..."
     vm_exit_code: int | None
-    program_pid: int | None
+    program_pid: int | None  # None: the program did not start (`start_error` says why)
     program_exit_code: int | None
     pages_written: int  # reported by KVM's dirty log and the VMM's own writes
     pages_changed: int  # of those, the ones whose content differs from the base
@@ -38,6 +38,13 @@ class SandboxReport:
     cycle_ms: float  # restore + run + analysis + teardown: one revert cycle
     log: str
     user_pages: dict[int, tuple[int, ...]] = field(default_factory=dict)  # pid -> changed user VAs
+    start_error: str | None = None  # why the program did not start, as the guest printed it
+
+    def describe_program(self) -> str:
+        """'program pid P exit C', or why it did not start."""
+        if self.program_pid is None:
+            return f"program did not start: {self.start_error or 'no reason on the console'}"
+        return f"program pid {self.program_pid} exit {self.program_exit_code}"
 
     def pages_of(self, kind: str) -> int:
         return sum(r.pages for r in self.ranges if r.kind == kind)

@@ -12,7 +12,7 @@ from typing import BinaryIO
 import numpy as np
 
 from pyrovisor.builder import build_vm, open_chain_memory, restore_vm
-from pyrovisor.catalog import guests_dir
+from pyrovisor.catalog import check_vcpu_limit, guests_dir
 from pyrovisor.config import MachineConfig
 from pyrovisor.errors import ConfigError, StateError
 from pyrovisor.introspect import GuestKernel, ProcessInfo, guest_profile
@@ -31,11 +31,16 @@ MAILBOX_LINE_OFFSET = 8
 MAILBOX_LINE_MAX = 1024
 RUNNER_ARGS = "runner; kernel keepmm=1"  # keepmm: exited processes keep their page tables for the report
 _WAITING = re.compile(rb"^runner \d+: waiting for a command[^\n]*\n", re.MULTILINE)
+_RUNNER_LINE = re.compile(r"^runner \d+: (.*)$", re.MULTILINE)
+_RUNNER_DONE = re.compile(r"^pid \d+ exited with")
 MiB = 1 << 20
 
 
 def make_base(directory: Path, memory_size: int = 256 * MiB, vcpus: int = 1, timeout: float = 30) -> Path:
     """Boot the OS with only the runner, wait until it waits for a command, and snapshot it there."""
+    _check_new_directory(directory)
+    kernel = guests_dir() / "os.elf"
+    check_vcpu_limit(kernel, vcpus)
     console = bytearray()
     arrived = threading.Event()
 
@@ -44,7 +49,7 @@ def make_base(directory: Path, memory_size: int = 256 * MiB, vcpus: int = 1, tim
         if _WAITING.search(console):
             arrived.set()
 
-    config = MachineConfig(kernel=guests_dir() / "os.elf", initrd=guests_dir() / "os-programs.img",
+    config = MachineConfig(kernel=kernel, initrd=guests_dir() / "os-programs.img",
                            memory_size=memory_size, vcpus=vcpus, cmdline=RUNNER_ARGS)
     with build_vm(config, output) as vmm:
         vmm.start()
@@ -54,6 +59,24 @@ def make_base(directory: Path, memory_size: int = 256 * MiB, vcpus: int = 1, tim
         take_snapshot(vmm, directory)
         vmm.stop()
     return directory
+
+
+def _check_new_directory(directory: Path) -> None:
+    """Before booting anything: the base can be written there (take_snapshot would refuse only at the end)."""
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise StateError(str(directory), "exists and is not an empty directory; a base is never overwritten")
+    if not directory.parent.is_dir():
+        raise StateError(str(directory), f"the folder {directory.parent} does not exist; create it first")
+
+
+def why_not_started(console: str) -> str:
+    """Why the runner started nothing, from the console of that run: its last line that is not the
+    child's exit, else the guest's last line."""
+    reasons = [m[1] for m in _RUNNER_LINE.finditer(console) if not _RUNNER_DONE.match(m[1])]
+    if reasons:
+        return reasons[-1].strip()
+    lines = [line.strip() for line in console.splitlines() if line.strip()]
+    return f"the runner said nothing; the guest's last line: {lines[-1]}" if lines else "the guest printed nothing"
 
 
 class Sandbox:
@@ -80,14 +103,17 @@ class Sandbox:
     def run(self, command: str, timeout: float = 30) -> SandboxReport:
         """Restore the base, start `command` ("program k=v ..."), run to its end or `timeout`, report, revert."""
         line = command.strip().encode()
-        if not line or b";" in line or len(line) > MAILBOX_LINE_MAX:
+        if not line or b";" in line or b"\0" in line or len(line) > MAILBOX_LINE_MAX:
             raise ConfigError("command", command, f"one program and its arguments, at most {MAILBOX_LINE_MAX} bytes")
         self._runs += 1
         started = time.perf_counter()
+        console = bytearray()  # this run's console, also kept in memory for the report
         with self.log.open("ab") as log:
             log.write(f"=== sandbox run {self._runs}: {command}\n".encode())
+
             def to_log(chunk: bytes) -> None:
                 log.write(chunk)
+                console.extend(chunk)
 
             vmm = restore_vm(self.base, to_log, lazy=True, track_dirty=True)
             try:
@@ -99,7 +125,7 @@ class Sandbox:
                 outcome = vmm.run(timeout)
                 ran = time.perf_counter()
                 report = self._analyse(vmm, kernel, runner, command, outcome.reason, outcome.exit_code,
-                                       outcome.describe(), clean, log)
+                                       outcome.describe(), clean, log, console.decode(errors="replace"))
                 analysed = time.perf_counter()
             finally:
                 vmm.close()
@@ -129,7 +155,8 @@ class Sandbox:
         memory.write(mailbox + MAILBOX_LENGTH_OFFSET, len(line).to_bytes(4, "little"))  # last: the runner starts
 
     def _analyse(self, vmm: Vmm, kernel: GuestKernel, runner: ProcessInfo, command: str, reason: StopReason,
-                 vm_exit_code: int | None, description: str, clean: int, log: BinaryIO) -> SandboxReport:
+                 vm_exit_code: int | None, description: str, clean: int, log: BinaryIO,
+                 console: str) -> SandboxReport:
         assert vmm.snapshot_log is not None
         written: np.ndarray = vmm.snapshot_log.collect_array()
         changed = changed_pages(written, vmm.memory, self._base_memory)
@@ -143,10 +170,12 @@ class Sandbox:
             outcome = "timeout"
         else:
             outcome = f"error: {description}"
-        log.write(f"=== {outcome}; {len(changed)} pages changed\n".encode())
+        why = None if program is not None else why_not_started(console)
+        suffix = "" if why is None else f"; the program did not start: {why}"
+        log.write(f"=== {outcome}; {len(changed)} pages changed{suffix}\n".encode())
         return SandboxReport(
             run=self._runs, command=command, outcome=outcome, vm_exit_code=vm_exit_code,
             program_pid=program.pid if program else None, program_exit_code=program.exit_code if program else None,
             pages_written=int(written.size), pages_changed=len(changed), ranges=merge_ranges(changed, owners),
             clean_start_pages=clean, restore_ms=0.0, run_ms=0.0, analyse_ms=0.0, cycle_ms=0.0, log=str(self.log),
-            user_pages=user_pages_by_pid(owners))
+            user_pages=user_pages_by_pid(owners), start_error=why)

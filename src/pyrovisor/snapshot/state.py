@@ -1,40 +1,13 @@
-"""MachineState: everything needed to rebuild a VM, as plain frozen dataclasses."""
+"""What a snapshot adds to the machine state: where its memory is and which snapshot it is a diff of."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Self, TypeVar
 
-from pyrovisor.arch.x86_64.layout import RamRange
-from pyrovisor.config import MachineConfig
-from pyrovisor.devices.debug_exit import DebugExitState
-from pyrovisor.devices.serial import SerialState
-from pyrovisor.loader import LoadResult
-from pyrovisor.vstate.vcpu_state import VcpuState
-from pyrovisor.vstate.vm_state import VmState
-
-S = TypeVar("S")
-A = TypeVar("A", contravariant=True)
-
-
-class Persist(Protocol[S, A]):
-    """A component that saves itself as a plain State and is rebuilt from one plus constructor arguments
-    (the live things a State cannot hold: file descriptors, callbacks, interrupt lines)."""
-
-    def save(self) -> S: ...
-
-    @classmethod
-    def restore(cls, args: A, state: S) -> Self: ...
-
+from pyrovisor.persist.machine import MachineState
 
 FULL = "full"
 DIFF = "diff"
-
-
-@dataclass(frozen=True)
-class DeviceStates:
-    serial: SerialState
-    debug_exit: DebugExitState
 
 
 @dataclass(frozen=True)
@@ -61,18 +34,6 @@ class BaseReference:
 
     directory: str
     snapshot_id: str
-
-
-@dataclass(frozen=True)
-class MachineState:
-    """Everything but guest memory needed to rebuild a VM (snapshots and live migration)."""
-
-    config: MachineConfig
-    kernel: LoadResult
-    ram: tuple[RamRange, ...]
-    vm: VmState
-    vcpus: tuple[VcpuState, ...]
-    devices: DeviceStates
 
 
 @dataclass(frozen=True)

@@ -34,18 +34,24 @@ class DirtyLog:
 
     def collect_array(self) -> np.ndarray:
         """Sorted unique page frame numbers written since the previous collect; starts a new interval."""
-        self._tracker.harvest()
-        pages = np.unique(np.concatenate(self._pending)) if self._pending else _EMPTY
-        self._pending = []
-        return pages
+        with self._tracker.lock:  # a vCPU thread harvesting a full dirty ring must not add in between
+            self._tracker.harvest()
+            pending, self._pending = self._pending, []
+        return np.unique(np.concatenate(pending)) if pending else _EMPTY
 
     def collect(self) -> set[int]:
         return {int(page) for page in self.collect_array()}
 
+    def give_back(self, pages: np.ndarray) -> None:
+        """Return pages from a collect whose consumer failed, so the next collect reports them again."""
+        with self._tracker.lock:
+            self._add(pages)
+
     def restart(self) -> None:
         """Forget what was written so far."""
-        self._tracker.harvest()
-        self._pending = []
+        with self._tracker.lock:
+            self._tracker.harvest()
+            self._pending = []
 
     def close(self) -> None:
         if not self.closed:
@@ -136,14 +142,14 @@ class DirtyTracker:
         self._memory = memory
         self.source: DirtySource = source or BitmapSource(vm)
         self._subscribers: list[DirtyLog] = []
-        self._lock = threading.RLock()  # vCPU threads harvest too, when their dirty ring fills up
+        self.lock = threading.RLock()  # vCPU threads harvest too, when their dirty ring fills up
 
     @property
     def active(self) -> bool:
         return bool(self._subscribers)
 
     def subscribe(self) -> DirtyLog:
-        with self._lock:
+        with self.lock:
             if not self._subscribers:
                 for memslot in self._vm.memslots:
                     if not memslot.dirty_logging:
@@ -158,17 +164,18 @@ class DirtyTracker:
 
     def harvest(self) -> None:
         """Fetch (and reset) KVM's record and the host-written pages; give them to every subscriber."""
-        with self._lock:
+        with self.lock:
             parts = self.source.harvest()
-            host = self._memory.take_tracked_pages() if self._subscribers else set()
-            if host:
-                parts.append(np.fromiter(host, dtype=np.int64, count=len(host)))
+            if self._subscribers:
+                host = self._memory.take_tracked_pages()
+                if len(host):
+                    parts.append(host)
             pages = np.unique(np.concatenate(parts)) if parts else _EMPTY
             for subscriber in self._subscribers:
                 subscriber._add(pages)
 
     def unsubscribe(self, log: DirtyLog) -> None:
-        with self._lock:
+        with self.lock:
             self._subscribers.remove(log)
             if not self._subscribers:
                 for memslot in self._vm.memslots:

@@ -1,7 +1,8 @@
-"""Coordination between vCPU threads and their controller: stop, pause, resume and the outcome."""
+"""Coordination between vCPU threads and their controller: stop, pause holds, parking and the outcome."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,17 +36,40 @@ class RunOutcome:
         return str(self.reason.value)
 
 
+class HoldTimeout(Exception):
+    """The vCPUs did not park in time; the hold that asked for it has already been withdrawn."""
+
+
+class PauseHold:
+    """One reason the vCPUs must stay parked. Release it once; the guest runs when no hold is left."""
+
+    def __init__(self, control: RunControl, token: int, reason: str) -> None:
+        self._control = control
+        self.token = token
+        self.reason = reason
+        self.released = False
+
+    def release(self) -> None:
+        self._control.release(self)
+
+    def __repr__(self) -> str:
+        return f"PauseHold({self.reason!r}{', released' if self.released else ''})"
+
+
 class RunControl:
     """Shared by the vCPU threads of one VM.
 
-    The flags are read without the lock in the hot loop (a stale read only delays the reaction until
-    the kick arrives); every change takes the lock, then kicks the vCPUs out of KVM_RUN.
+    The vCPUs read `stop_requested` and `pause_requested` without the lock in their hot loop (a stale
+    read only delays the reaction until the kick arrives); every change takes the lock, then kicks
+    the vCPUs out of KVM_RUN. `pause_requested` is true exactly while at least one hold exists.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self.stop_requested = False
         self.pause_requested = False
+        self._holds: dict[int, PauseHold] = {}
+        self._tokens = itertools.count(1)
         self._parked = 0
         self._running = 0
         self._outcome: RunOutcome | None = None
@@ -65,7 +89,7 @@ class RunControl:
             self._cond.notify_all()
 
     def park(self) -> None:
-        """Wait here while a pause is requested."""
+        """Wait here while any hold exists."""
         with self._cond:
             self._parked += 1
             self._cond.notify_all()
@@ -82,29 +106,50 @@ class RunControl:
             self._cond.notify_all()
         self._kick_all()
 
-    # --- called by the controller -----------------------------------------------------------------
+    # --- called by the lifecycle owner -----------------------------------------------------------
     @property
     def outcome(self) -> RunOutcome | None:
         return self._outcome
 
     @property
-    def paused(self) -> bool:
+    def parked(self) -> bool:
+        """True when holds exist and every running vCPU has parked (or none runs)."""
         with self._cond:
             return self.pause_requested and self._parked == self._running
 
-    def pause(self, timeout: float = 10.0) -> bool:
-        """Ask every vCPU to park and wait until they have; False if the VM stopped meanwhile."""
+    def hold_reasons(self) -> list[str]:
         with self._cond:
+            return [hold.reason for hold in self._holds.values()]
+
+    def hold(self, reason: str, timeout: float) -> PauseHold:
+        """Add a hold and wait until every vCPU has parked or the VM has stopped.
+
+        On timeout the hold is withdrawn again (the guest goes on running if no other hold exists) and
+        HoldTimeout is raised.
+        """
+        with self._cond:
+            hold = PauseHold(self, next(self._tokens), reason)
+            self._holds[hold.token] = hold
             self.pause_requested = True
         self._kick_all()
         with self._cond:
             done = self._cond.wait_for(lambda: self.stop_requested or self._parked == self._running, timeout)
             if not done:
-                raise TimeoutError(f"vCPUs did not pause within {timeout} s")
-            return not self.stop_requested
+                self._drop(hold)
+                raise HoldTimeout(f"vCPUs did not park within {timeout} s")
+            return hold
 
-    def resume(self) -> None:
+    def release(self, hold: PauseHold) -> None:
+        """Withdraw one hold (again: no effect). The vCPUs resume when it was the last."""
         with self._cond:
+            self._drop(hold)
+
+    def _drop(self, hold: PauseHold) -> None:
+        if hold.released:
+            return
+        hold.released = True
+        del self._holds[hold.token]
+        if not self._holds:
             self.pause_requested = False
             self._cond.notify_all()
 

@@ -10,10 +10,11 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 from pyrovisor.devices.bus import Bus
 from pyrovisor.errors import GuestError, PyrovisorError
-from pyrovisor.kvm import VcpuFd
+from pyrovisor.kvm import Kvm, VcpuFd
 from pyrovisor.kvm.coalesced import CoalescedRing
 from pyrovisor.kvm.exits import (
     Debug,
@@ -31,7 +32,7 @@ from pyrovisor.kvm.exits import (
     VcpuExit,
 )
 from pyrovisor.vstate.run_control import RunControl, RunOutcome, StopReason
-from pyrovisor.vstate.vcpu_state import complete_pending_io
+from pyrovisor.vstate.vcpu_state import VcpuState, complete_pending_io, restore_vcpu, save_vcpu
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +72,29 @@ class ExitCounters:
 DebugHandler = Callable[["Vcpu", Debug], bool]  # returns True to keep running
 
 
+@dataclass(frozen=True)
+class VcpuArgs:
+    """What a Vcpu is built from besides its saved state: its fd, the buses, the run control."""
+
+    index: int
+    fd: VcpuFd
+    port_bus: Bus
+    mmio_bus: Bus
+    control: RunControl
+    kvm: Kvm
+    msr_indices: tuple[int, ...]  # the MSRs saved with the vCPU (KVM_GET_MSR_INDEX_LIST)
+
+
 class Vcpu:
     """A vCPU and its thread. Exits go to the port and MMIO buses; the run control stops and pauses it."""
 
-    def __init__(self, index: int, fd: VcpuFd, port_bus: Bus, mmio_bus: Bus, control: RunControl) -> None:
-        self.index = index
-        self.fd = fd
-        self.port_bus = port_bus
-        self.mmio_bus = mmio_bus
-        self.control = control
+    def __init__(self, args: VcpuArgs) -> None:
+        self.index = args.index
+        self.fd = args.fd
+        self.port_bus = args.port_bus
+        self.mmio_bus = args.mmio_bus
+        self.control = control = args.control
+        self._args = args
         self.counters = ExitCounters()
         self.debug_handler: DebugHandler | None = None
         self.dirty_ring_full_handler: Callable[[Vcpu], None] | None = None
@@ -87,6 +102,15 @@ class Vcpu:
         self._thread: threading.Thread | None = None
         self.entered_run_loop_at: float | None = None  # perf_counter() when the thread began running the guest
         control.register(self.kick)
+
+    # --- persistence (only while parked or never started) ----------------------------------------
+    def save(self) -> VcpuState:
+        return save_vcpu(self.fd, self._args.msr_indices)
+
+    @classmethod
+    def restore(cls, args: VcpuArgs, state: VcpuState) -> Self:
+        restore_vcpu(args.fd, state, args.kvm)
+        return cls(args)
 
     # --- thread management ----------------------------------------------------------------------
     def start(self) -> None:

@@ -31,6 +31,7 @@ class VcpuState:
     events: bytes
     mp_state: int
     debugregs: bytes
+    tsc_khz: int = 0  # the guest's TSC frequency; 0 where the host does not report it
 
 
 _STRUCTS = {
@@ -60,15 +61,23 @@ def complete_pending_io(vcpu: VcpuFd) -> None:
         raise StateError(f"vCPU {vcpu.vcpu_id}", f"completing pending I/O gave {result!r}, not an interrupted run")
 
 
-def readable_msrs(vcpu: VcpuFd, indices: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """Values of every MSR in `indices` that KVM can read (it stops at the first failure: skip and go on)."""
-    values: list[tuple[int, int]] = []
-    remaining = list(indices)
-    while remaining:
-        got = vcpu.get_msrs(remaining)
-        values.extend(got.items())
-        remaining = remaining[len(got) + 1:]  # skip the one KVM refused
-    return tuple(values)
+def read_all_msrs(vcpu: VcpuFd, indices: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Values of every MSR in `indices`. KVM lists them as saved state: one it cannot read is an error,
+    since a state without it would restore a different machine."""
+    got = vcpu.get_msrs(indices)
+    if len(got) != len(indices):
+        missing = indices[len(got)]
+        raise StateError(f"vCPU {vcpu.vcpu_id}", f"KVM cannot read MSR {missing:#x}, which it lists as saved "
+                         "state; the vCPU cannot be saved completely")
+    return tuple((index, got[index]) for index in indices)
+
+
+def host_tsc_khz(vcpu: VcpuFd) -> int:
+    """The vCPU's TSC frequency in kHz, or 0 where the host does not report it."""
+    try:
+        return vcpu.get_tsc_khz()
+    except KvmError:
+        return 0
 
 
 def save_vcpu(vcpu: VcpuFd, msr_indices: tuple[int, ...]) -> VcpuState:
@@ -81,11 +90,12 @@ def save_vcpu(vcpu: VcpuFd, msr_indices: tuple[int, ...]) -> VcpuState:
         fpu=bytes(vcpu.get_fpu()),
         xsave=bytes(vcpu.get_xsave()),
         xcrs=bytes(vcpu.get_xcrs()),
-        msrs=readable_msrs(vcpu, msr_indices),
+        msrs=read_all_msrs(vcpu, msr_indices),
         lapic=bytes(vcpu.get_lapic()),
         events=bytes(vcpu.get_vcpu_events()),
         mp_state=vcpu.get_mp_state(),
         debugregs=bytes(vcpu.get_debugregs()),
+        tsc_khz=host_tsc_khz(vcpu),
     )
 
 
@@ -101,6 +111,7 @@ def check_vcpu_state(state: VcpuState, source: str) -> None:
 def restore_vcpu(vcpu: VcpuFd, state: VcpuState, kvm: Kvm) -> None:
     """Load a saved state into a fresh vCPU, in the order KVM needs (CPUID first, LAPIC after MSRs)."""
     vcpu.set_cpuid2(state.cpuid)
+    _restore_tsc_frequency(vcpu, state)
     vcpu.set_regs(uapi.kvm_regs.from_buffer_copy(state.regs))
     if kvm.check_extension(Cap.XSAVE):
         vcpu.set_xsave(uapi.kvm_xsave.from_buffer_copy(state.xsave))
@@ -122,3 +133,16 @@ def restore_vcpu(vcpu: VcpuFd, state: VcpuState, kvm: Kvm) -> None:
                      | uapi.KVM_VCPUEVENT_VALID_SHADOW)
     vcpu.set_vcpu_events(events)
     vcpu.set_debugregs(uapi.kvm_debugregs.from_buffer_copy(state.debugregs))
+
+
+def _restore_tsc_frequency(vcpu: VcpuFd, state: VcpuState) -> None:
+    """Give the vCPU the TSC frequency the guest calibrated against, or refuse: a guest whose clock
+    suddenly runs at another rate keeps wrong time."""
+    here = host_tsc_khz(vcpu)
+    if not state.tsc_khz or not here or here == state.tsc_khz:
+        return
+    try:
+        vcpu.set_tsc_khz(state.tsc_khz)
+    except (KvmError, OverflowError) as exc:  # OverflowError: more than the ioctl's int can say
+        raise StateError(f"vCPU {state.index}", f"the guest's TSC ran at {state.tsc_khz} kHz; this host's runs at "
+                         f"{here} kHz and KVM cannot set it ({exc})") from None

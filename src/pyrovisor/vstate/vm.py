@@ -96,11 +96,18 @@ class Vm:
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         return self.fd.create_vcpu(vcpu_id)
 
+    def remove_all_memslots(self) -> None:
+        """Delete every memslot, so KVM no longer refers to guest memory and it can be unmapped."""
+        for slot in list(self._memslots):
+            self.remove_memslot(slot)
+
     def close(self) -> None:
         """Delete every memslot (so KVM no longer refers to the memory), then close the VM fd.
 
-        vCPU fds must be closed first: they keep the VM alive in the kernel.
+        vCPU fds should be closed first: they keep the VM alive in the kernel.
         """
-        for slot in list(self._memslots):
-            self.remove_memslot(slot)
-        self.fd.close()
+        try:
+            if self.fd.fd >= 0:
+                self.remove_all_memslots()
+        finally:
+            self.fd.close()

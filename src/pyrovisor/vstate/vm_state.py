@@ -1,9 +1,10 @@
-"""Saving and restoring the VM-wide state KVM holds: the in-kernel interrupt controllers and the clock."""
+"""The VM-wide state KVM holds — the in-kernel interrupt controllers and the clock — saved and restored."""
 
 from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import Self
 
 from pyrovisor.errors import StateError
 from pyrovisor.kvm import VmFd, uapi
@@ -39,3 +40,18 @@ def restore_vm_state(vm: VmFd, state: VmState) -> None:
     clock = uapi.kvm_clock_data.from_buffer_copy(state.clock)
     clock.flags = 0  # resume from the saved value: the guest does not see the time it spent saved
     vm.set_clock(clock)
+
+
+class KernelDevices:
+    """The PICs, the IOAPIC and the clock that KVM emulates for the whole VM (Persist protocol)."""
+
+    def __init__(self, vm: VmFd) -> None:
+        self._vm = vm
+
+    def save(self) -> VmState:
+        return save_vm_state(self._vm)
+
+    @classmethod
+    def restore(cls, args: VmFd, state: VmState) -> Self:
+        restore_vm_state(args, state)
+        return cls(args)

@@ -54,6 +54,8 @@ def prepare_decoder(kind: type) -> None:
 @functools.cache
 def _decoder(kind: Any) -> Decoder:
     """A function that decodes values of type `kind`, built once per type (restores must be fast)."""
+    if kind is Any:
+        return _decode_json_value
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         return _union_decoder(typing.get_args(kind))
@@ -150,8 +152,8 @@ def _enum_decoder(kind: type[Enum]) -> Decoder:
     def decode_enum(data: Any, where: str) -> Any:
         try:
             return kind(data)
-        except ValueError:
-            raise StateError(where, f"{data!r} is not a valid {kind.__name__}") from None
+        except (ValueError, TypeError):  # TypeError: unhashable JSON (a list or an object)
+            raise StateError(where, f"{str(data)[:40]!r} is not a valid {kind.__name__}") from None
 
     return decode_enum
 
@@ -174,8 +176,13 @@ def _decode_bytes(data: Any, where: str) -> bytes:
         raise StateError(where, 'expected {"base64": ...}')
     try:
         return base64.b64decode(mapping["base64"], validate=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: text that is not ASCII
         raise StateError(where, "invalid base64") from None
+
+
+def _decode_json_value(data: Any, where: str) -> Any:
+    """A field whose value is decoded later, by whoever knows its type (a device kind's state)."""
+    return data
 
 
 def _decode_none(data: Any, where: str) -> None:
