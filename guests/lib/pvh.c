@@ -5,6 +5,7 @@
 #include <pyrovisor/io.h>
 #include <pyrovisor/string.h>
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #define BOOT_INFO_GPA 0x1000
@@ -55,30 +56,90 @@ static uint32_t tsc_khz_from_cpuid(void)
     return eax; /* KVM's and VMware's timing leaf: TSC frequency in kHz */
 }
 
+/* KVM's paravirtual clock, where the timing leaf is missing (QEMU's default CPU models): the TSC-to-
+   nanoseconds factor KVM publishes gives the frequency (as Linux's pvclock_tsc_khz does). The clock is
+   switched off again at once, so KVM does not keep writing into that memory. */
+#define MSR_KVM_SYSTEM_TIME_NEW 0x4B564D01u
+#define KVM_FEATURE_CLOCKSOURCE2 (1u << 3)
+#define PVCLOCK_GPA (BOOT_INFO_GPA + 0x800) /* scratch: the boot info uses less than 0x800 bytes */
+
+struct pvclock_time {
+    uint32_t version, pad;
+    uint64_t tsc_timestamp, system_time;
+    uint32_t tsc_to_system_mul;
+    int8_t tsc_shift;
+    uint8_t flags, pad2[2];
+};
+
+static uint32_t tsc_khz_from_kvmclock(void)
+{
+    uint32_t eax, ebx, ecx, edx;
+    __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0x40000000), "c"(0));
+    if (ebx != 0x4B4D564Bu || ecx != 0x564B4D56u || edx != 0x4D || eax < 0x40000001) /* "KVMKVMKVM" */
+        return 0;
+    __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0x40000001), "c"(0));
+    if (!(eax & KVM_FEATURE_CLOCKSOURCE2))
+        return 0;
+    volatile struct pvclock_time *clock = (volatile struct pvclock_time *)PVCLOCK_GPA;
+    clock->version = 0;
+    clock->tsc_to_system_mul = 0;
+    wrmsr(MSR_KVM_SYSTEM_TIME_NEW, PVCLOCK_GPA | 1);
+    uint32_t version, mul;
+    int8_t shift;
+    do {
+        version = clock->version;
+        mul = clock->tsc_to_system_mul;
+        shift = clock->tsc_shift;
+    } while ((version & 1) || version != clock->version);
+    wrmsr(MSR_KVM_SYSTEM_TIME_NEW, 0);
+    if (!mul)
+        return 0;
+    uint64_t khz = (1000000ull << 32) / mul;
+    return (uint32_t)(shift < 0 ? khz << -shift : khz >> shift);
+}
+
+#define MEMMAP_MAX 32
+
 void *pvh_setup(const struct hvm_start_info *start)
 {
+    /* Take everything from QEMU's structures before writing anything: the firmware may have put them (the
+       command line, the memory map) where the boot info and command line go (SeaBIOS's PVH ROM puts the
+       command line at 0x11c0 and hvm_start_info at 0x21e0). */
+    char cmdline_copy[CMDLINE_MAX + 1];
+    struct hvm_memmap_entry map[MEMMAP_MAX];
+    struct hvm_modlist_entry module = {0};
+    size_t length = 0;
+    uint32_t map_entries = 0;
+    bool valid = start->magic == HVM_START_MAGIC;
+    if (valid && start->cmdline_paddr) {
+        const char *source = (const char *)start->cmdline_paddr;
+        while (source[length] && length < CMDLINE_MAX)
+            length++;
+        memcpy(cmdline_copy, source, length);
+    }
+    if (valid) {
+        map_entries = start->memmap_entries < MEMMAP_MAX ? start->memmap_entries : MEMMAP_MAX;
+        memcpy(map, (const void *)start->memmap_paddr, map_entries * sizeof map[0]);
+        if (start->nr_modules)
+            module = *(const struct hvm_modlist_entry *)start->modlist_paddr;
+    }
+
     struct pyrovisor_boot_info *boot = (struct pyrovisor_boot_info *)BOOT_INFO_GPA;
     memset(boot, 0, sizeof *boot);
+    _Static_assert(sizeof *boot <= 0x800, "the boot info and the kvmclock scratch area share a page");
     boot->magic = PYROVISOR_BOOT_MAGIC;
     boot->version = PYROVISOR_BOOT_VERSION;
     boot->size = sizeof *boot;
     boot->nr_vcpus = 1;
 
     char *cmdline = (char *)CMDLINE_GPA;
-    size_t length = 0;
-    if (start->magic == HVM_START_MAGIC && start->cmdline_paddr) {
-        const char *source = (const char *)start->cmdline_paddr;
-        while (source[length] && length < CMDLINE_MAX)
-            length++;
-        memcpy(cmdline, source, length);
-    }
+    memcpy(cmdline, cmdline_copy, length);
     cmdline[length] = '\0';
     boot->cmdline_gpa = CMDLINE_GPA;
     boot->cmdline_len = (uint32_t)length;
 
     /* RAM as pyrovisor describes it: from 0 to the end of the RAM range holding the image. */
-    const struct hvm_memmap_entry *map = (const struct hvm_memmap_entry *)start->memmap_paddr;
-    for (uint32_t i = 0; i < start->memmap_entries && boot->nr_ram_ranges < PYROVISOR_MAX_RAM_RANGES; i++) {
+    for (uint32_t i = 0; i < map_entries && boot->nr_ram_ranges < PYROVISOR_MAX_RAM_RANGES; i++) {
         if (map[i].type != E820_RAM || map[i].addr + map[i].size <= physical(__image_end))
             continue;
         uint64_t base = boot->nr_ram_ranges ? map[i].addr : 0;
@@ -86,16 +147,15 @@ void *pvh_setup(const struct hvm_start_info *start)
         boot->ram[boot->nr_ram_ranges].size = map[i].addr + map[i].size - base;
         boot->nr_ram_ranges++;
     }
-    if (start->nr_modules) {
-        const struct hvm_modlist_entry *module = (const struct hvm_modlist_entry *)start->modlist_paddr;
-        boot->initrd_gpa = module->paddr;
-        boot->initrd_size = module->size;
-    }
+    boot->initrd_gpa = module.paddr;
+    boot->initrd_size = module.size;
     boot->kernel_start = physical(__image_start);
     boot->kernel_end = physical(__image_end);
     boot->page_tables_gpa = PAGE_TABLES_GPA;
     boot->page_tables_size = PAGE_TABLES_PAGES * 4096;
     boot->tsc_khz = tsc_khz_from_cpuid();
+    if (!boot->tsc_khz)
+        boot->tsc_khz = tsc_khz_from_kvmclock();
     boot->direct_map_base = 0xFFFF888000000000ull;
     boot->kernel_map_base = 0xFFFFFFFF80000000ull;
     boot->console_port = 0x3F8;

@@ -313,6 +313,7 @@ void kernel_main(uint64_t boot_phys, unsigned cpu)
     kernel_pml4[511] = boot_pml4[511];
 
     static struct segment segments[MAX_PROGRAMS + 1];
+    virtio_discover(boot, phys_to_virt(boot->cmdline_gpa)); /* takes the virtio_mmio.device= words out */
     unsigned count = parse_command_line(phys_to_virt(boot->cmdline_gpa), segments, MAX_PROGRAMS + 1);
     unsigned programs = 0;
     for (unsigned index = 0; index < count; index++) {
@@ -337,6 +338,7 @@ void kernel_main(uint64_t boot_phys, unsigned cpu)
     kline_dec(&line, os_options.hz);
     kline_str(&line, " Hz");
     kline_end(&line);
+    virtio_probe();
     mm_init();
     load_archive();
     if (!programs) {

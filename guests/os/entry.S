@@ -97,6 +97,9 @@ vector_\vector:
     stub 31, 0
     stub 64, 0                           /* VECTOR_TIMER */
     stub 65, 0                           /* VECTOR_WAKEUP */
+    .irp vector, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95
+    stub \vector, 0                      /* VECTOR_VIRTIO_BASE + device index */
+    .endr
 
     .p2align 4
     .globl spurious_entry
@@ -169,6 +172,8 @@ vector_stubs:
     .quad vector_16, vector_17, vector_18, vector_19, vector_20, vector_21, vector_22, vector_23
     .quad vector_24, vector_25, vector_26, vector_27, vector_28, vector_29, vector_30, vector_31
     .quad vector_64, vector_65
+    .quad vector_80, vector_81, vector_82, vector_83, vector_84, vector_85, vector_86, vector_87
+    .quad vector_88, vector_89, vector_90, vector_91, vector_92, vector_93, vector_94, vector_95
 
     .bss
     .p2align 12

@@ -6,6 +6,7 @@
 #define MAX_CPUS 16
 #define MAX_PROCS 32
 #define MAX_VMAS 8
+#define MAX_VIRTIO 16
 #define PROC_NAME_MAX 16
 #define KSTACK_SIZE 8192
 #define IDLE_STACK_SIZE 8192
@@ -19,6 +20,7 @@
 #define VECTOR_GENERAL_PROTECTION 13
 #define VECTOR_TIMER 0x40
 #define VECTOR_WAKEUP 0x41 /* the IPI that releases waiting vCPUs at boot */
+#define VECTOR_VIRTIO_BASE 0x50 /* 0x50 + device index: the virtio-mmio interrupts (MAX_VIRTIO vectors) */
 #define VECTOR_SPURIOUS 0xFF
 #define VECTOR_SYSCALL 0x100 /* pseudo vector: a SYSCALL that arrived at CPL0 (VMX/SVM hosts) */
 
@@ -149,6 +151,25 @@ struct os_info {
 };
 #define OS_INFO_MAGIC 0x534F5950u /* "PYOS" */
 
+/* A virtio-mmio device found at boot (virtio.c); `virtio_devices[index]`, index as printed at boot. */
+struct virtio_device {
+    uint64_t base;           /* physical address of its registers */
+    uint32_t size;
+    uint32_t irq;            /* GSI */
+    uint32_t device_id;
+    uint32_t vendor_id;
+    uint32_t vector;         /* the vector its IOAPIC pin delivers, 0 while masked */
+    uint32_t cpu;            /* the vCPU it is routed to */
+    uint64_t interrupts;     /* since boot */
+    uint64_t pending;        /* interrupts not yet collected by SYS_VIRTIO_WAIT */
+    struct mm *owner;        /* the address space it is lent to, 0 when free */
+    struct process *waiter;  /* asleep in SYS_VIRTIO_WAIT */
+    uint64_t dma_phys;       /* the owner's DMA area */
+    uint64_t dma_size;
+    uint32_t owner_pid;      /* the process that opened it */
+    uint32_t reserved;
+};
+
 /* Kernel options from the `kernel` segment of the command line. */
 struct os_options {
     uint32_t hz;
@@ -164,6 +185,8 @@ extern struct mm mm_table[MAX_PROCS];
 extern struct cpu cpus[MAX_CPUS];
 extern struct os_info os_info;
 extern struct os_options os_options;
+extern struct virtio_device virtio_devices[MAX_VIRTIO];
+extern uint32_t nr_virtio_devices;
 extern uint64_t kernel_pml4[512];
 extern const struct pyrovisor_boot_info *boot_info;
 extern const struct archive_entry *archive_entries;
@@ -226,6 +249,8 @@ bool mm_map_range(struct mm *mm, uint64_t va, uint64_t phys, uint64_t pages, uin
 bool mm_add_vma(struct mm *mm, uint64_t start, uint64_t end, uint32_t flags);
 bool mm_handle_fault(struct mm *mm, uint64_t address, uint64_t error_code);
 void mm_release(struct mm *mm);
+uint64_t page_alloc_contiguous(uint64_t pages); /* zeroed and physically contiguous; 0 if there is no such run */
+void mm_map_owned(struct mm *mm, uint64_t va, uint64_t phys, uint64_t pages); /* data pages, freed with the mm */
 bool mm_is_ram(uint64_t phys, uint64_t length);
 #define PTE_PRESENT (1ull << 0)
 #define PTE_WRITE (1ull << 1)
@@ -252,12 +277,25 @@ void schedule(unsigned cpu, struct trap_frame *frame) __attribute__((noreturn));
 void timer_tick(unsigned cpu, struct trap_frame *frame);
 void process_exit(struct process *process, int code);
 void sleep_until(struct process *process, uint64_t tick);
+void wake_process(struct process *process); /* a sleeper becomes runnable before its time */
 struct trap_frame *process_frame(const struct process *process);
 struct process *current_process(unsigned cpu);
 void cpu_enter_idle(unsigned cpu) __attribute__((noreturn));
 
 /* syscall.c */
 void syscall_dispatch(unsigned cpu, struct process *process, struct trap_frame *frame);
+
+/* virtio.c */
+void virtio_discover(const struct pyrovisor_boot_info *boot, char *cmdline);
+void virtio_probe(void);
+long virtio_open(unsigned cpu, struct process *process, uint64_t device_id, uint64_t nth, uint64_t dma_bytes,
+                 struct virtio_open_info *info, uint64_t flags);
+long virtio_wait(unsigned cpu, struct process *process, struct trap_frame *frame, uint64_t index,
+                 uint64_t timeout_ms);
+void virtio_interrupt(unsigned cpu, unsigned index, struct trap_frame *frame);
+void virtio_wait_timed_out(const struct process *process);
+void virtio_release(const struct mm *mm);
+void virtio_summary(void);
 
 /* lapic.c */
 void lapic_timer_start(uint32_t hz);
@@ -270,7 +308,7 @@ extern char user_entry_page[];
 void syscall_entry_cpl0(void);
 void resume_frame(struct trap_frame *frame) __attribute__((noreturn));      /* releases the kernel lock */
 void idle_on_stack(uint64_t stack_top) __attribute__((noreturn));         /* releases the kernel lock */
-extern const uint64_t vector_stubs[34];
+extern const uint64_t vector_stubs[34 + MAX_VIRTIO]; /* exceptions, timer, wake-up, then the virtio vectors */
 void spurious_entry(void);
 extern uint8_t idle_stacks[MAX_CPUS][IDLE_STACK_SIZE];
 

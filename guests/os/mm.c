@@ -105,6 +105,28 @@ static uint64_t page_alloc_run(uint64_t wanted, uint64_t *count)
     return phys;
 }
 
+uint64_t page_alloc_contiguous(uint64_t pages)
+{
+    for (unsigned index = 0; index < free_run_count; index++) {
+        struct page_run *run = &free_runs[index];
+        if (run->pages < pages)
+            continue;
+        uint64_t phys = run->phys;
+        run->phys += pages * PAGE_SIZE;
+        run->pages -= pages;
+        if (!run->pages)
+            free_runs[index] = free_runs[--free_run_count];
+        os_info.pages_reused += pages;
+        return phys;
+    }
+    /* Fresh pages, leaving room for the page tables that will map them. */
+    if ((os_info.huge_next - os_info.free_next) / PAGE_SIZE < pages + pages / 512 + 8)
+        return 0;
+    uint64_t phys = os_info.free_next;
+    os_info.free_next += pages * PAGE_SIZE;
+    return phys;
+}
+
 uint64_t huge_alloc(void)
 {
     if (free_huge_count) {
@@ -239,6 +261,12 @@ bool mm_add_vma(struct mm *mm, uint64_t start, uint64_t end, uint32_t flags)
         return false;
     mm->vmas[mm->nr_vmas++] = (struct vma){start, end, flags, 0};
     return true;
+}
+
+void mm_map_owned(struct mm *mm, uint64_t va, uint64_t phys, uint64_t pages)
+{
+    mm_map_range(mm, va, phys, pages, DATA_FLAGS);
+    mm->pages_mapped += pages;
 }
 
 bool mm_handle_fault(struct mm *mm, uint64_t address, uint64_t error_code)

@@ -84,6 +84,22 @@ void profile_layout(void)
     FIELD(os_info, pages_reused, "u64");
     FIELD(os_info, pages_discarded, "u64");
 
+    STRUCT(virtio_device);
+    FIELD(virtio_device, base, "u64");
+    FIELD(virtio_device, size, "u32");
+    FIELD(virtio_device, irq, "u32");
+    FIELD(virtio_device, device_id, "u32");
+    FIELD(virtio_device, vendor_id, "u32");
+    FIELD(virtio_device, vector, "u32");
+    FIELD(virtio_device, cpu, "u32");
+    FIELD(virtio_device, interrupts, "u64");
+    FIELD(virtio_device, pending, "u64");
+    FIELD(virtio_device, owner, "ptr:mm");
+    FIELD(virtio_device, waiter, "ptr:process");
+    FIELD(virtio_device, dma_phys, "u64");
+    FIELD(virtio_device, dma_size, "u64");
+    FIELD(virtio_device, owner_pid, "u32");
+
     STRUCT(archive_entry);
     FIELD(archive_entry, name, "char[16]");
     FIELD(archive_entry, offset, "u64");
@@ -97,6 +113,7 @@ void profile_layout(void)
     CONSTANT(KSTACK_SIZE);
     CONSTANT(OS_INFO_MAGIC);
     CONSTANT(SYS_COUNT);
+    CONSTANT(MAX_VIRTIO);
     CONSTANT64(USER_IMAGE_BASE);
     CONSTANT64(USER_STACK_TOP);
     CONSTANT64(USER_ARGS_VA);
@@ -129,5 +146,7 @@ void profile_layout(void)
     ENUM("syscall", "kwrite", SYS_KWRITE);
     ENUM("syscall", "spawn", SYS_SPAWN);
     ENUM("syscall", "wait", SYS_WAIT);
+    ENUM("syscall", "virtio_open", SYS_VIRTIO_OPEN);
+    ENUM("syscall", "virtio_wait", SYS_VIRTIO_WAIT);
     MARK("end");
 }

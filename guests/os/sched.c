@@ -163,6 +163,7 @@ static void wake_sleepers(void)
         if (process->wake_tick <= now) {
             sleepers--;
             make_runnable(process);
+            virtio_wait_timed_out(process);
         } else if (process->wake_tick < earliest) {
             earliest = process->wake_tick;
         }
@@ -177,6 +178,14 @@ void sleep_until(struct process *process, uint64_t tick)
     sleepers++;
     if (tick < next_wake)
         next_wake = tick;
+}
+
+void wake_process(struct process *process)
+{
+    if (process->state != PROC_SLEEPING)
+        return;
+    sleepers--;
+    make_runnable(process); /* next_wake may now be early: wake_sleepers recomputes it */
 }
 
 void timer_tick(unsigned cpu, struct trap_frame *frame)
@@ -228,6 +237,7 @@ static void __attribute__((noreturn)) all_exited(void)
                 cpus[cpu].syscalls - cpus[cpu].syscalls_direct, cpus[cpu].syscalls_direct, cpus[cpu].ticks,
                 cpus[cpu].idle_ticks);
     kprintf("os: %lu pages reused after the host discarded them\n", os_info.pages_reused);
+    virtio_summary();
     kernel_stop(os_info.failures ? OS_EXIT_FAILURES : OS_EXIT_OK);
 }
 
@@ -252,6 +262,8 @@ void process_exit(struct process *process, int code)
                 process->pid, process->name, code, process->syscalls, process->page_faults, process->switches, ran);
     }
     struct mm *mm = process->mm;
+    if (mm->users == 1)
+        virtio_release(mm); /* also with keepmm: a device must not keep writing into a dead process */
     if (--mm->users == 0 && !os_options.keepmm) {
         uint64_t kernel_cr3 = kernel_to_phys(kernel_pml4);
         if (cpus[cpu].cr3 != kernel_cr3) { /* never free the tables this vCPU stands on */

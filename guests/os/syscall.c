@@ -241,12 +241,27 @@ static long sys_wait(struct trap_frame *frame)
     return -E_INVAL;
 }
 
+static long sys_virtio_open(struct trap_frame *frame)
+{
+    if (!user_range(frame->r10, sizeof(struct virtio_open_info)) || frame->r10 & 7)
+        return -E_FAULT;
+    unsigned cpu = this_cpu();
+    return virtio_open(cpu, cpus[cpu].current, frame->rdi, frame->rsi, frame->rdx,
+                       (struct virtio_open_info *)frame->r10, frame->r8);
+}
+
+static long sys_virtio_wait(struct trap_frame *frame)
+{
+    unsigned cpu = this_cpu();
+    return virtio_wait(cpu, cpus[cpu].current, frame, frame->rdi, frame->rsi);
+}
+
 syscall_fn syscall_table[SYS_COUNT] __attribute__((section(".data.syscall_table"), aligned(4096))) = {
     [SYS_EXIT] = sys_exit,     [SYS_WRITE] = sys_write,   [SYS_YIELD] = sys_yield,   [SYS_GETPID] = sys_getpid,
     [SYS_SLEEP] = sys_sleep,   [SYS_TIME] = sys_time,     [SYS_MMAP] = sys_mmap,     [SYS_THREAD] = sys_thread,
     [SYS_IOPERM] = sys_ioperm, [SYS_MAPIO] = sys_mapio,   [SYS_GETCPU] = sys_getcpu, [SYS_SETCPU] = sys_setcpu,
     [SYS_KSYM] = sys_ksym,     [SYS_KREAD] = sys_kread,   [SYS_KWRITE] = sys_kwrite, [SYS_SPAWN] = sys_spawn,
-    [SYS_WAIT] = sys_wait,
+    [SYS_WAIT] = sys_wait,     [SYS_VIRTIO_OPEN] = sys_virtio_open, [SYS_VIRTIO_WAIT] = sys_virtio_wait,
 };
 
 void syscall_dispatch(unsigned cpu, struct process *process, struct trap_frame *frame)

@@ -14,6 +14,8 @@ static const char *vector_name(uint64_t vector)
     return vector == VECTOR_TIMER ? "timer" : exception_name((unsigned)vector);
 }
 
+static bool is_virtio_vector(uint64_t vector) { return vector - VECTOR_VIRTIO_BASE < MAX_VIRTIO; }
+
 static void set_gate(unsigned vector, uint64_t handler) { idt[vector] = interrupt_gate(handler, 0); }
 
 void idt_setup(void)
@@ -22,6 +24,8 @@ void idt_setup(void)
         set_gate(vector, vector_stubs[vector]);
     set_gate(VECTOR_TIMER, vector_stubs[EXCEPTION_VECTORS]);
     set_gate(VECTOR_WAKEUP, vector_stubs[EXCEPTION_VECTORS + 1]);
+    for (unsigned index = 0; index < MAX_VIRTIO; index++)
+        set_gate(VECTOR_VIRTIO_BASE + index, vector_stubs[EXCEPTION_VECTORS + 2 + index]);
     set_gate(VECTOR_SPURIOUS, (uint64_t)spurious_entry);
     idt_load();
 }
@@ -90,11 +94,14 @@ void trap_handler(struct trap_frame *frame)
             }
             kernel_exception(frame, cpu);
         }
-        if (vector != VECTOR_TIMER)
+        if (vector != VECTOR_TIMER && !is_virtio_vector(vector))
             kernel_exception(frame, cpu);
-        klock(cpu); /* a tick while idle */
+        klock(cpu); /* an interrupt while idle */
         lapic_eoi();
-        timer_tick(cpu, frame);
+        if (vector == VECTOR_TIMER)
+            timer_tick(cpu, frame);
+        else
+            virtio_interrupt(cpu, (unsigned)(vector - VECTOR_VIRTIO_BASE), frame);
         kunlock();
         return;
     }
@@ -128,6 +135,11 @@ void trap_handler(struct trap_frame *frame)
             break;
         fatal_user_fault(frame, process, 0);
     default:
+        if (is_virtio_vector(vector)) {
+            lapic_eoi();
+            virtio_interrupt(cpu, (unsigned)(vector - VECTOR_VIRTIO_BASE), frame);
+            break;
+        }
         fatal_user_fault(frame, process, 0);
     }
     kunlock();

@@ -13,14 +13,17 @@ from pyrovisor.arch.x86_64 import cpuid, layout
 from pyrovisor.arch.x86_64.boot import long_mode_entry
 from pyrovisor.arch.x86_64.boot_info import BOOT_INFO_MAGIC, BOOT_INFO_VERSION, MAX_RAM_RANGES, BootInfo
 from pyrovisor.arch.x86_64.descriptors import boot_gdt, tss_image
+from pyrovisor.arch.x86_64.layout import CMDLINE_MAX
 from pyrovisor.arch.x86_64.paging import BootPageTables, boot_alias_to_physical, build_boot_page_tables
 from pyrovisor.config import MachineConfig
 from pyrovisor.devices.bus import Bus, PortBus
 from pyrovisor.devices.console import COM1_IRQ, COM1_PORT
 from pyrovisor.devices.debug_exit import DEBUG_EXIT_PORT
 from pyrovisor.devices.manager import DeviceContext, DeviceManager
-from pyrovisor.devices.platform import KINDS, attach_legacy
+from pyrovisor.devices.platform import KINDS, attach_legacy, attach_virtio, virtio_command_line
 from pyrovisor.errors import ConfigError, LoaderError
+from pyrovisor.events.eventfd import EventFd
+from pyrovisor.events.loop import EventLoop
 from pyrovisor.kvm import Cap, Kvm, uapi
 from pyrovisor.kvm.vm import DIRTY_GFN_SIZE, IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE
 from pyrovisor.loader import LoadResult, load_elf
@@ -52,6 +55,7 @@ class Assembly:
     control: RunControl = field(default_factory=RunControl)
     vm: Vm | None = None
     memory: GuestMemory | None = None
+    loop: EventLoop | None = None
     devices: DeviceManager | None = None
     kernel: LoadResult | None = None
     initrd_gpa: int = 0
@@ -127,14 +131,26 @@ def enable_dirty_ring(assembly: Assembly) -> None:
     assembly.require_vm().fd.enable_cap(Cap.DIRTY_LOG_RING, entries * DIRTY_GFN_SIZE)
 
 
+def create_event_loop(assembly: Assembly) -> None:
+    """The VM's I/O thread (it starts with the vCPUs): device work runs there, never on a vCPU."""
+    assembly.loop = loop = EventLoop("io")
+    assembly.resources.callback(loop.close)
+
+
 def create_device_manager(assembly: Assembly) -> None:
     vm, memory, control = assembly.require_vm(), assembly.require_memory(), assembly.control
 
     def guest_exit(code: int) -> None:
         control.finish(RunOutcome(StopReason.GUEST_EXIT, exit_code=code))
 
+    def ioeventfd(eventfd: EventFd, address: int, length: int, datamatch: int, deassign: bool) -> None:
+        vm.fd.ioeventfd(eventfd.fd, address, length, datamatch, deassign=deassign)
+
+    def irqfd(eventfd: EventFd, gsi: int, deassign: bool) -> None:
+        vm.fd.irqfd(eventfd.fd, gsi, deassign=deassign)
+
     context = DeviceContext(memory=memory, interrupt_line=vm.interrupt_line, console_output=assembly.console_output,
-                            guest_exit=guest_exit)
+                            guest_exit=guest_exit, loop=assembly.loop, ioeventfd=ioeventfd, irqfd=irqfd)
     assembly.devices = DeviceManager(KINDS, PortBus(), Bus("MMIO"), context)
     assembly.resources.callback(assembly.devices.close)
 
@@ -186,8 +202,10 @@ def remap_pics(assembly: Assembly) -> None:
 
 
 def attach_devices(assembly: Assembly) -> None:
+    """The platform's devices, then the virtio devices the configuration asks for."""
     assert assembly.devices is not None
     attach_legacy(assembly.devices)
+    attach_virtio(assembly.devices, assembly.config)
 
 
 def load_kernel(assembly: Assembly) -> None:
@@ -231,7 +249,12 @@ def write_boot_data(assembly: Assembly) -> None:
     memory.write(layout.GDT_GPA, gdt)
     for address in tss_addresses:
         memory.write(address, tss_image())
-    cmdline = config.cmdline.encode()
+    assert assembly.devices is not None
+    announced = virtio_command_line(assembly.devices)
+    cmdline = " ".join(part for part in (config.cmdline, announced) if part).encode()
+    if len(cmdline) > CMDLINE_MAX:
+        raise ConfigError("command line", config.cmdline[:40] + "...", f"with the virtio devices' words it is longer "
+                          f"than {CMDLINE_MAX} bytes")
     memory.write(layout.CMDLINE_GPA, cmdline + b"\0")
 
     info = BootInfo(
@@ -247,6 +270,13 @@ def write_boot_data(assembly: Assembly) -> None:
     )
     for index, ram in enumerate(ranges):
         info.ram[index].gpa, info.ram[index].size = ram.gpa, ram.size
+    virtio = [entry for entry in assembly.devices if entry.placement.mmio is not None and entry.kind.name.startswith(
+        "virtio-")]
+    info.nr_virtio = len(virtio)
+    for index, entry in enumerate(virtio):
+        assert entry.placement.mmio is not None and entry.placement.irq is not None
+        info.virtio[index].base, info.virtio[index].size = entry.placement.mmio
+        info.virtio[index].irq = entry.placement.irq
     info.tsc_khz = host_tsc_khz(assembly.vcpus[0].fd)  # 0 where unknown: the guest calibrates or does without
     memory.write(layout.BOOT_INFO_GPA, bytes(info))
 
@@ -275,6 +305,7 @@ BUILD_RECIPE: tuple[Step, ...] = (
     create_irqchip,
     remap_pics,
     enable_dirty_ring,
+    create_event_loop,
     create_device_manager,
     attach_devices,
     load_kernel,
@@ -303,6 +334,7 @@ RESTORE_RECIPE: tuple[Step, ...] = (
     attach_memory,
     create_irqchip,
     enable_dirty_ring,
+    create_event_loop,
     create_device_manager,
     restore_devices,
     create_vcpus,
@@ -317,9 +349,10 @@ def _assemble(assembly: Assembly, recipe: tuple[Step, ...]) -> Vmm:
         for step in recipe:
             step(assembly)
         assert assembly.kernel is not None and assembly.devices is not None and assembly.dirty is not None
+        assert assembly.loop is not None
         vmm = Vmm(config=assembly.config, kvm=assembly.require_kvm(), vm=assembly.require_vm(),
                   memory=assembly.require_memory(), vcpus=assembly.vcpus, devices=assembly.devices,
-                  control=assembly.control, kernel=assembly.kernel, dirty=assembly.dirty)
+                  control=assembly.control, kernel=assembly.kernel, dirty=assembly.dirty, loop=assembly.loop)
         vmm.adopt(assembly.resources.pop_all())  # cannot fail: from here on the Vmm releases everything
     return vmm
 

@@ -24,6 +24,31 @@ MIN_DIRTY_RING_ENTRIES = 256  # KVM needs at least one page of 16-byte entries
 
 
 @dataclass(frozen=True)
+class DiskConfig:
+    """A virtio-blk disk on a raw host file (or block device)."""
+
+    path: Path
+    read_only: bool = False
+    serial: str = ""  # what the guest's GET_ID sees (at most 20 bytes); default: the file name
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """A virtio-net interface on a host tap device."""
+
+    tap: str
+    mac: str = ""  # 52:54:00:xx:xx:xx; default: derived from the tap's name
+
+
+@dataclass(frozen=True)
+class VsockConfig:
+    """A virtio-vsock device in Firecracker's hybrid form: guest streams meet host Unix sockets at uds_path."""
+
+    cid: int
+    uds_path: Path
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     kernel: Path
     memory_size: int = DEFAULT_MEMORY
@@ -33,6 +58,10 @@ class MachineConfig:
     huge_pages: bool = True
     shared_memory: bool = False  # memfd backing (needed to share guest RAM with another process)
     dirty_ring_entries: int = 0  # per-vCPU dirty ring for dirty tracking; 0: KVM's dirty bitmap
+    disks: tuple[DiskConfig, ...] = ()
+    nets: tuple[NetConfig, ...] = ()
+    rng: bool = False
+    vsock: VsockConfig | None = None
 
     def validate(self) -> None:
         check_memory_size(self.memory_size, format_size(self.memory_size))
@@ -43,6 +72,7 @@ class MachineConfig:
         if "\0" in self.cmdline:
             raise ConfigError("command line", self.cmdline, "contains a NUL character")
         check_dirty_ring_entries(self.dirty_ring_entries)
+        check_virtio_devices(self)
 
 
 def check_memory_size(size: int, shown: str) -> None:
@@ -67,6 +97,50 @@ def check_dirty_ring_entries(entries: int) -> None:
     if entries and (entries < MIN_DIRTY_RING_ENTRIES or entries & (entries - 1)):
         raise ConfigError("dirty ring entries", entries,
                           f"must be 0 (bitmap) or a power of two of at least {MIN_DIRTY_RING_ENTRIES}")
+
+
+MAX_VIRTIO_DEVICES = 16  # the boot-info table's size; also the GSIs reserved for them
+TAP_NAME_MAX = 15  # IFNAMSIZ - 1
+MAC_LENGTH = 17
+
+
+def check_virtio_devices(config: MachineConfig) -> None:
+    """The virtio devices a configuration asks for: how many, and values that are well-formed (whether a disk
+    file or a tap exists is checked when the device is created)."""
+    count = len(config.disks) + len(config.nets) + int(config.rng) + int(config.vsock is not None)
+    if count > MAX_VIRTIO_DEVICES:
+        raise ConfigError("virtio devices", count, f"at most {MAX_VIRTIO_DEVICES}")
+    for disk in config.disks:
+        if not str(disk.path) or "\0" in str(disk.path):
+            raise ConfigError("disk", str(disk.path), "needs a file name")
+        if len(disk.serial.encode()) > 20:
+            raise ConfigError("disk serial", disk.serial, "at most 20 bytes")
+    taps = [net.tap for net in config.nets]
+    for net in config.nets:
+        if not net.tap or len(net.tap.encode()) > TAP_NAME_MAX or "/" in net.tap or any(c.isspace() for c in net.tap):
+            raise ConfigError("tap", net.tap, f"an interface name of 1 to {TAP_NAME_MAX} bytes without / or spaces")
+        if taps.count(net.tap) > 1:
+            raise ConfigError("tap", net.tap, "given twice")
+        if net.mac and not _valid_mac(net.mac):
+            raise ConfigError("mac", net.mac, "expected six hex bytes like 52:54:00:12:34:56, not multicast")
+    if config.vsock is not None:
+        if not 3 <= config.vsock.cid < 0xFFFFFFFF:
+            raise ConfigError("vsock cid", config.vsock.cid, "must be at least 3 (0-2 are reserved) and below 2^32-1")
+        if not str(config.vsock.uds_path):
+            raise ConfigError("vsock socket", str(config.vsock.uds_path), "needs a path")
+
+
+def _valid_mac(text: str) -> bool:
+    parts = text.split(":")
+    if len(text) != MAC_LENGTH or len(parts) != 6:
+        return False
+    try:
+        first = int(parts[0], 16)
+        for part in parts:
+            int(part, 16)
+    except ValueError:
+        return False
+    return not first & 1
 
 
 def format_size(size: int) -> str:

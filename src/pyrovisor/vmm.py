@@ -17,6 +17,7 @@ from pyrovisor.devices.debug_exit import DebugExit
 from pyrovisor.devices.manager import DeviceManager
 from pyrovisor.devices.platform import DEBUG_EXIT, SERIAL
 from pyrovisor.errors import PyrovisorError
+from pyrovisor.events.loop import EventLoop
 from pyrovisor.kvm import Kvm
 from pyrovisor.kvm.coalesced import CoalescedRing
 from pyrovisor.loader import LoadResult
@@ -43,7 +44,8 @@ class Vmm:
     """
 
     def __init__(self, config: MachineConfig, kvm: Kvm, vm: Vm, memory: GuestMemory, vcpus: list[Vcpu],
-                 devices: DeviceManager, control: RunControl, kernel: LoadResult, dirty: DirtyTracker) -> None:
+                 devices: DeviceManager, control: RunControl, kernel: LoadResult, dirty: DirtyTracker,
+                 loop: EventLoop) -> None:
         self.config = config
         self.kvm = kvm
         self.vm = vm
@@ -53,7 +55,8 @@ class Vmm:
         self.control = control
         self.kernel = kernel
         self.dirty = dirty
-        self.lifecycle = Lifecycle(control, self._start_vcpus)
+        self.loop = loop  # the I/O thread: device work; paused with the vCPUs by every hold
+        self.lifecycle = Lifecycle(control, self._start_vcpus, loop)
         self.kernel_devices = KernelDevices(vm.fd)
         self.coalesced: CoalescedRing | None = None
         self.last_snapshot: tuple[Path, str] | None = None  # directory and id of the snapshot diffs apply to
@@ -122,6 +125,7 @@ class Vmm:
         self.lifecycle.start()
 
     def _start_vcpus(self) -> None:
+        self.loop.start()
         for vcpu in self.vcpus:
             vcpu.start()
 

@@ -99,6 +99,51 @@ uint64_t cycles_to_ns(uint64_t cycles)
     return (uint64_t)((unsigned __int128)cycles * 1000000u / (env.tsc_khz ? env.tsc_khz : 1));
 }
 
+/* When SYS_TIME changed to at least `target` (it counts whole ticks without a TSC frequency): the new value
+   and TSC readings bracketing the change, from before the last call that still saw the old value to after
+   the first that saw the new one. */
+struct tick_edge {
+    uint64_t time, low, high;
+};
+
+static struct tick_edge tick_edge(uint64_t target)
+{
+    uint64_t previous = rdtsc();
+    for (;;) {
+        uint64_t before = rdtsc(), time = (uint64_t)sys_time(), after = rdtsc();
+        if (time >= target)
+            return (struct tick_edge){time, previous, after};
+        previous = before;
+    }
+}
+
+uint64_t tsc_khz(void)
+{
+    if (env.tsc_khz)
+        return env.tsc_khz;
+    /* Time the TSC over 200 ms of timer ticks. A measurement whose edges are uncertain by more than 0.5 %
+       of it (this process was preempted in the middle) is taken again, up to 4 times. */
+    const uint64_t window_ns = 200000000;
+    uint64_t best_khz = 0, best_width = ~0ull, best_cycles = 1;
+    for (unsigned attempt = 0; attempt < 4; attempt++) {
+        struct tick_edge first = tick_edge((uint64_t)sys_time() + 1);
+        struct tick_edge last = tick_edge(first.time + window_ns);
+        uint64_t cycles = (last.low + last.high) / 2 - (first.low + first.high) / 2;
+        uint64_t width = (first.high - first.low) + (last.high - last.low);
+        if ((unsigned __int128)width * best_cycles < (unsigned __int128)best_width * cycles) {
+            best_width = width;
+            best_cycles = cycles;
+            best_khz = (uint64_t)((unsigned __int128)cycles * 1000000u / (last.time - first.time));
+        }
+        if (width * 200 < cycles)
+            break;
+    }
+    env.tsc_khz = best_khz;
+    printf("%s %u: TSC frequency unknown, measured against the kernel's timer: %lu kHz (+-%lu.%02lu %%)\n",
+           program_name, env.pid, env.tsc_khz, best_width * 50 / best_cycles, best_width * 5000 / best_cycles % 100);
+    return env.tsc_khz;
+}
+
 uint64_t now_ns(void)
 {
     if (env.tsc_khz)

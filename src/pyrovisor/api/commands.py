@@ -12,6 +12,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from pyrovisor.api.cli import dirty_ring_entries, memory_size, positive_seconds, socket_path, vcpu_count
+from pyrovisor.api.device_options import add_device_arguments
 
 if TYPE_CHECKING:
     from pyrovisor.api.server import ControlServer
@@ -43,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument("--dirty-ring", type=dirty_ring_entries, default=0, metavar="ENTRIES",
                      help="track dirty pages with per-vCPU rings of this many entries (a power of two, at least 256) "
                           "instead of the bitmap")
+    add_device_arguments(run)
     run.set_defaults(handler=_run)
 
     guests = subparsers.add_parser("guests", help="list the built-in guests")
@@ -69,6 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         cmdline=args.cmdline if args.cmdline is not None else (spec.args if spec else ""),
         initrd=args.initrd if args.initrd is not None else (spec.initrd if spec else None),
         dirty_ring_entries=args.dirty_ring,
+        disks=tuple(args.disk), nets=tuple(args.net), rng=args.rng, vsock=args.vsock,
     )
     console = StdoutConsole()
     with build_vm(config, console) as vmm:

@@ -10,6 +10,8 @@ from typing import Any, Generic, Protocol, TypeVar
 from pyrovisor.devices.base import BusDevice, InterruptLine
 from pyrovisor.devices.bus import Bus
 from pyrovisor.errors import DeviceError, StateError
+from pyrovisor.events.eventfd import EventFd
+from pyrovisor.events.loop import EventLoop
 from pyrovisor.memory import GuestMemory
 from pyrovisor.persist.codec import decode, encode
 from pyrovisor.persist.device import DeviceRecord
@@ -34,12 +36,16 @@ class Placement:
 
 @dataclass(frozen=True)
 class DeviceContext:
-    """The live things a device may be given (never saved): guest memory, interrupt lines, outputs."""
+    """The live things a device may be given (never saved): guest memory, interrupt lines, outputs, the
+    VM's I/O thread and the KVM calls that connect eventfds (ioeventfd doorbells, irqfd interrupts)."""
 
     memory: GuestMemory
     interrupt_line: Callable[[int], InterruptLine]
     console_output: Callable[[bytes], None]
     guest_exit: Callable[[int], None]
+    loop: EventLoop | None = None
+    ioeventfd: Callable[[EventFd, int, int, int, bool], None] | None = None  # (fd, address, length, datamatch, off)
+    irqfd: Callable[[EventFd, int, bool], None] | None = None  # (fd, gsi, off)
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,7 @@ class DeviceKind(Generic[S]):
 
     name: str
     state_type: type[S]
-    create: Callable[[DeviceContext, Placement, S | None], ManagedDevice]
+    create: Callable[[DeviceContext, str, Placement, S | None], ManagedDevice]  # (context, name, placement, state)
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class DeviceManager:
         kind = self._kinds.get(kind_name)
         if kind is None:
             raise DeviceError(name, f"unknown device kind {kind_name!r}")
-        device = kind.create(self.context, placement, state)
+        device = kind.create(self.context, name, placement, state)
         inserted: list[tuple[Bus, int]] = []
         try:
             for bus, span in ((self.port_bus, placement.port), (self.mmio_bus, placement.mmio)):
@@ -90,6 +96,9 @@ class DeviceManager:
         except BaseException:
             for bus, base in inserted:
                 bus.remove(base)
+            close = getattr(device, "close", None)
+            if close is not None:
+                close()
             raise
         self._devices[name] = AttachedDevice(name, kind, placement, device)
         return device

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from pyrovisor.arch.x86_64.layout import VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_WINDOW
+from pyrovisor.config import MachineConfig
 from pyrovisor.devices.console import COM1_IRQ, COM1_PORT, PORT_COUNT, SerialConsole, SerialConsoleArgs
 from pyrovisor.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit, DebugExitState
 from pyrovisor.devices.manager import DeviceContext, DeviceKind, DeviceManager, ManagedDevice, Placement
@@ -15,22 +18,28 @@ from pyrovisor.devices.page_discard import (
     PageDiscardState,
 )
 from pyrovisor.devices.serial import SerialState
+from pyrovisor.devices.virtio.blk import BlockOptions, VirtioBlk, VirtioBlkState
+from pyrovisor.devices.virtio.mmio import MmioWiring, VirtioMmio
+from pyrovisor.devices.virtio.rng import VirtioRng, VirtioRngState
+from pyrovisor.errors import DeviceError
 
 SERIAL = "serial0"
 DEBUG_EXIT = "debug-exit"
 PAGE_DISCARD = "page-discard"
 
 
-def _serial(context: DeviceContext, placement: Placement, state: SerialState | None) -> ManagedDevice:
+def _serial(context: DeviceContext, name: str, placement: Placement, state: SerialState | None) -> ManagedDevice:
     interrupt = context.interrupt_line(placement.irq) if placement.irq is not None else None
     return SerialConsole.restore(SerialConsoleArgs(context.console_output, interrupt), state or SerialState())
 
 
-def _debug_exit(context: DeviceContext, placement: Placement, state: DebugExitState | None) -> ManagedDevice:
+def _debug_exit(context: DeviceContext, name: str, placement: Placement,
+                state: DebugExitState | None) -> ManagedDevice:
     return DebugExit.restore(context.guest_exit, state or DebugExitState())
 
 
-def _page_discard(context: DeviceContext, placement: Placement, state: PageDiscardState | None) -> ManagedDevice:
+def _page_discard(context: DeviceContext, name: str, placement: Placement,
+                  state: PageDiscardState | None) -> ManagedDevice:
     """Pages a guest gives back read as zero afterwards. They are zeroed through GuestMemory, so dirty
     tracking (snapshots, migration) sees the change; unmapping them (`GuestMemory.discard`) would, in
     lazily restored memory, bring back the snapshot's bytes."""
@@ -39,10 +48,41 @@ def _page_discard(context: DeviceContext, placement: Placement, state: PageDisca
     return PageDiscard.restore(args, state or PageDiscardState())
 
 
+def _wiring(context: DeviceContext, placement: Placement) -> MmioWiring:
+    if context.loop is None or context.ioeventfd is None or context.irqfd is None or placement.mmio is None \
+            or placement.irq is None:
+        raise DeviceError("virtio", "needs an MMIO window, an interrupt, the I/O thread and KVM eventfds")
+    ioeventfd, irqfd = context.ioeventfd, context.irqfd
+    return MmioWiring(
+        memory=context.memory, base=placement.mmio[0], gsi=placement.irq, loop=context.loop,
+        register_ioeventfd=lambda fd, address, length, match: ioeventfd(fd, address, length, match, False),
+        unregister_ioeventfd=lambda fd, address, length, match: ioeventfd(fd, address, length, match, True),
+        register_irqfd=lambda fd, gsi: irqfd(fd, gsi, False),
+        unregister_irqfd=lambda fd, gsi: irqfd(fd, gsi, True))
+
+
+def _virtio_rng(context: DeviceContext, name: str, placement: Placement, state: VirtioRngState | None) -> ManagedDevice:
+    state = state or VirtioRngState()
+    return VirtioMmio(name, VirtioRng(state), _wiring(context, placement), state.transport)
+
+
+def _virtio_blk(context: DeviceContext, name: str, placement: Placement, state: VirtioBlkState | None) -> ManagedDevice:
+    if state is None or not state.path:
+        raise DeviceError(name, "a disk needs a file")
+    device = VirtioBlk(BlockOptions(Path(state.path), state.read_only, state.serial), state)
+    try:
+        return VirtioMmio(name, device, _wiring(context, placement), state.transport)
+    except BaseException:
+        device.close()
+        raise
+
+
 KINDS: dict[str, DeviceKind[Any]] = {kind.name: kind for kind in (
     DeviceKind("uart16550", SerialState, _serial),
     DeviceKind("debug-exit", DebugExitState, _debug_exit),
     DeviceKind("page-discard", PageDiscardState, _page_discard),
+    DeviceKind("virtio-rng", VirtioRngState, _virtio_rng),
+    DeviceKind("virtio-blk", VirtioBlkState, _virtio_blk),
 )}
 
 # (name, kind, placement) of the devices a new VM gets, in attach order.
@@ -56,3 +96,38 @@ LEGACY_DEVICES: tuple[tuple[str, str, Placement], ...] = (
 def attach_legacy(manager: DeviceManager) -> None:
     for name, kind, placement in LEGACY_DEVICES:
         manager.attach(name, kind, placement)
+
+
+def virtio_placement(index: int) -> Placement:
+    """The n-th virtio-mmio device's window and interrupt (the guest learns them from the command line and
+    the boot info)."""
+    return Placement(mmio=(VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_WINDOW, VIRTIO_MMIO_WINDOW),
+                     irq=VIRTIO_FIRST_GSI + index)
+
+
+def virtio_devices(config: MachineConfig) -> list[tuple[str, str, Any]]:
+    """(name, kind, initial state) of the virtio devices a configuration asks for, in attach order."""
+    devices: list[tuple[str, str, Any]] = []
+    for index, disk in enumerate(config.disks):
+        devices.append((f"blk{index}", "virtio-blk", VirtioBlkState(path=str(disk.path), read_only=disk.read_only,
+                                                                     serial=disk.serial)))
+    if config.rng:
+        devices.append(("rng0", "virtio-rng", VirtioRngState()))
+    if config.nets or config.vsock is not None:
+        raise DeviceError("virtio", "virtio-net and virtio-vsock are not available in this build yet")
+    return devices
+
+
+def attach_virtio(manager: DeviceManager, config: MachineConfig) -> None:
+    for index, (name, kind, state) in enumerate(virtio_devices(config)):
+        manager.attach(name, kind, virtio_placement(index), state)
+
+
+def virtio_command_line(manager: DeviceManager) -> str:
+    """Linux's announcement of virtio-mmio devices: virtio_mmio.device=<size>@<base>:<irq> for each."""
+    words = []
+    for entry in manager:
+        if isinstance(entry.device, VirtioMmio):
+            base, size = entry.placement.mmio or (0, 0)
+            words.append(f"virtio_mmio.device={size // 1024}K@{base:#x}:{entry.placement.irq}")
+    return " ".join(words)

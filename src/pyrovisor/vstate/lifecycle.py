@@ -6,8 +6,9 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from enum import Enum
+from typing import Protocol
 
-from pyrovisor.errors import LifecycleError
+from pyrovisor.errors import LifecycleError, PyrovisorError
 from pyrovisor.vstate.run_control import HoldTimeout, PauseHold, RunControl, RunOutcome, StopReason
 
 PAUSE_TIMEOUT_S = 10.0
@@ -27,6 +28,14 @@ class VmState(Enum):
     @property
     def terminal(self) -> bool:
         return self in (VmState.MIGRATED_AWAY, VmState.STOPPED, VmState.FAILED)
+
+
+class Quiescible(Protocol):
+    """Something that must stand still while the vCPUs are held (the VM's I/O thread)."""
+
+    def pause(self, timeout: float) -> None: ...
+
+    def resume(self) -> None: ...
 
 
 class Operation(Enum):
@@ -58,9 +67,10 @@ class Lifecycle:
     nothing changes any more.
     """
 
-    def __init__(self, control: RunControl, start_vcpus: Callable[[], None]) -> None:
+    def __init__(self, control: RunControl, start_vcpus: Callable[[], None], io: Quiescible | None = None) -> None:
         self._control = control
         self._start_vcpus = start_vcpus
+        self._io = io  # the I/O thread: held still with the vCPUs, so devices and memory do not change
         self._lock = threading.Lock()  # operations begin and end under it
         self._user_lock = threading.Lock()  # the user's pause and resume, one at a time
         self._started = False
@@ -122,6 +132,13 @@ class Lifecycle:
         if self._control.stop_requested:
             hold.release()
             raise LifecycleError(f"pause for {reason}", self.state.value, "the VM stopped while pausing")
+        if self._io is not None:
+            try:
+                self._io.pause(timeout)
+            except PyrovisorError as exc:
+                hold.release()
+                raise LifecycleError(f"pause for {reason}", self.state.value, str(exc)) from None
+            hold.on_release.append(self._io.resume)
         return hold
 
     @contextlib.contextmanager

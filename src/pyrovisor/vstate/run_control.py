@@ -48,6 +48,7 @@ class PauseHold:
         self.token = token
         self.reason = reason
         self.released = False
+        self.on_release: list[Callable[[], None]] = []  # run once, after the hold is gone
 
     def release(self) -> None:
         self._control.release(self)
@@ -142,16 +143,20 @@ class RunControl:
     def release(self, hold: PauseHold) -> None:
         """Withdraw one hold (again: no effect). The vCPUs resume when it was the last."""
         with self._cond:
-            self._drop(hold)
+            dropped = self._drop(hold)
+        if dropped:
+            for callback in hold.on_release:
+                callback()
 
-    def _drop(self, hold: PauseHold) -> None:
+    def _drop(self, hold: PauseHold) -> bool:
         if hold.released:
-            return
+            return False
         hold.released = True
         del self._holds[hold.token]
         if not self._holds:
             self.pause_requested = False
             self._cond.notify_all()
+        return True
 
     def wait(self, timeout: float | None = None) -> RunOutcome | None:
         with self._cond:

@@ -1,16 +1,24 @@
-/* The boot-info block the VMM passes in RDI (boot protocol v1; mirrors arch/x86_64/boot_info.py). */
+/* The boot-info block the VMM passes in RDI (boot protocol v2; mirrors arch/x86_64/boot_info.py). */
 #ifndef PYROVISOR_BOOT_INFO_H
 #define PYROVISOR_BOOT_INFO_H
 
 #include <stdint.h>
 
 #define PYROVISOR_BOOT_MAGIC 0x56525950u /* "PYRV" */
-#define PYROVISOR_BOOT_VERSION 1u
+#define PYROVISOR_BOOT_VERSION 2u
 #define PYROVISOR_MAX_RAM_RANGES 8
+#define PYROVISOR_MAX_VIRTIO 16
 
 struct pyrovisor_ram_range {
     uint64_t gpa;
     uint64_t size;
+};
+
+/* A virtio-mmio device (version 2 register layout) at [base, base + size), interrupt on IOAPIC pin irq. */
+struct pyrovisor_virtio_mmio {
+    uint64_t base;
+    uint32_t size;
+    uint32_t irq;
 };
 
 struct pyrovisor_boot_info {
@@ -39,6 +47,10 @@ struct pyrovisor_boot_info {
     uint8_t console_irq;
     uint8_t reserved[3];
     struct pyrovisor_ram_range ram[PYROVISOR_MAX_RAM_RANGES];
+    /* version >= 2: the virtio-mmio devices (also on the command line as virtio_mmio.device=...) */
+    uint32_t nr_virtio;
+    uint32_t reserved2;
+    struct pyrovisor_virtio_mmio virtio[PYROVISOR_MAX_VIRTIO];
 };
 
 #endif

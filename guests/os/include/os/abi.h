@@ -22,15 +22,24 @@
 #define SYS_KWRITE 14 /* (kernel address, value): writes 8 bytes in kernel data, as a rootkit would */
 #define SYS_SPAWN 15  /* (line, length): starts "program k=v ..." from the archive as a child; returns its pid */
 #define SYS_WAIT 16   /* (pid): a child's exit code (0-255) once it has exited, -E_AGAIN while it runs */
-#define SYS_COUNT 17
+#define SYS_VIRTIO_OPEN 17 /* (device id or 0, nth, DMA bytes, struct virtio_open_info *, flags): takes a virtio-mmio
+                              device: maps its registers and a zeroed, physically contiguous DMA area; returns its
+                              index */
+#define SYS_VIRTIO_WAIT 18 /* (device index, timeout ms): sleeps until the device's interrupt; returns how many
+                              interrupts arrived since the last call (0: timed out) */
+#define SYS_COUNT 19
 
 #define MAP_HUGE 1u /* back the region with 2 MiB pages (one fault per 2 MiB) */
+#define VIRTIO_OPEN_IRQ 1u /* SYS_VIRTIO_OPEN flag: route the device's interrupt to this vCPU for SYS_VIRTIO_WAIT */
+#define VIRTIO_DMA_MAX (16ull << 20) /* largest DMA area SYS_VIRTIO_OPEN gives */
 
 #define E_PERM 1
 #define E_NOMEM 12
 #define E_FAULT 14
 #define E_INVAL 22
 #define E_AGAIN 11
+#define E_BUSY 16
+#define E_NODEV 19
 #define E_NOSYS 38
 
 /* User address space (all below USER_TOP; the upper half is the kernel's). */
@@ -63,6 +72,21 @@ struct archive_header {
     uint32_t version;
     uint32_t count;
     uint32_t entry_size;
+};
+
+/* What SYS_VIRTIO_OPEN writes for the caller. */
+struct virtio_open_info {
+    uint64_t regs;      /* user address of the register block (MagicValue at offset 0) */
+    uint64_t dma;       /* user address of the DMA area (0 if none was asked for) */
+    uint64_t dma_phys;  /* its guest-physical address, for descriptors */
+    uint64_t dma_size;  /* bytes: the request rounded up to 4 KiB */
+    uint64_t base;      /* guest-physical address of the registers */
+    uint32_t size;      /* bytes of registers (0x200 on QEMU microvm) */
+    uint32_t index;     /* the kernel's device index (os: virtio N: ... at boot) */
+    uint32_t device_id; /* virtio device id: 1 net, 2 block, 4 entropy, 19 vsock, ... */
+    uint32_t irq;       /* its interrupt line (GSI) */
+    uint32_t vector;    /* the vector the kernel routed it to, 0 without VIRTIO_OPEN_IRQ */
+    uint32_t reserved;
 };
 
 struct archive_entry {

@@ -53,6 +53,15 @@ static inline long sys_kread(uint64_t address) { return syscall1(SYS_KREAD, (lon
 static inline long sys_kwrite(uint64_t address, uint64_t value) { return syscall2(SYS_KWRITE, (long)address, (long)value); }
 static inline long sys_spawn(const char *line, size_t length) { return syscall2(SYS_SPAWN, (long)line, (long)length); }
 static inline long sys_wait(long pid) { return syscall1(SYS_WAIT, pid); }
+static inline long sys_virtio_open(uint32_t device_id, unsigned nth, uint64_t dma_bytes, struct virtio_open_info *info,
+                                   unsigned flags)
+{
+    return syscall5(SYS_VIRTIO_OPEN, device_id, nth, (long)dma_bytes, (long)info, flags);
+}
+static inline long sys_virtio_wait(unsigned index, uint64_t timeout_ms)
+{
+    return syscall2(SYS_VIRTIO_WAIT, index, (long)timeout_ms);
+}
 
 /* System calls fail with -errno; kernel addresses are negative too, so only -4095..-1 are errors. */
 static inline bool is_error(long value) { return value < 0 && value >= -4095; }
@@ -74,6 +83,9 @@ static inline uint64_t rdtsc(void)
 }
 uint64_t now_ns(void);
 uint64_t cycles_to_ns(uint64_t cycles);
+/* The TSC frequency: the kernel's (boot info or CPUID), or, when it has none (QEMU without a timing leaf),
+   measured once against the kernel's timer ticks over about 100 ms (and then stored in env.tsc_khz). */
+uint64_t tsc_khz(void);
 
 /* "PASS: name pid: ..." / "FAIL: ..." lines; failures() counts the FAILs. */
 void report(bool condition, const char *format, ...) __attribute__((format(printf, 2, 3)));

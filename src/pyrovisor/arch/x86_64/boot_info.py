@@ -5,12 +5,19 @@ from __future__ import annotations
 import ctypes
 
 BOOT_INFO_MAGIC = 0x56525950  # "PYRV" in memory
-BOOT_INFO_VERSION = 1
+BOOT_INFO_VERSION = 2  # 2: the virtio-mmio device table
 MAX_RAM_RANGES = 8
+MAX_VIRTIO = 16
 
 
 class RamRangeEntry(ctypes.Structure):
     _fields_ = (("gpa", ctypes.c_uint64), ("size", ctypes.c_uint64))
+
+
+class VirtioMmioEntry(ctypes.Structure):
+    """A virtio-mmio device at [base, base + size), its interrupt on IOAPIC pin `irq`."""
+
+    _fields_ = (("base", ctypes.c_uint64), ("size", ctypes.c_uint32), ("irq", ctypes.c_uint32))
 
 
 class BootInfo(ctypes.Structure):
@@ -42,4 +49,7 @@ class BootInfo(ctypes.Structure):
         ("console_irq", ctypes.c_uint8),
         ("reserved", ctypes.c_uint8 * 3),
         ("ram", RamRangeEntry * MAX_RAM_RANGES),
+        ("nr_virtio", ctypes.c_uint32),
+        ("reserved2", ctypes.c_uint32),
+        ("virtio", VirtioMmioEntry * MAX_VIRTIO),
     )

@@ -29,6 +29,9 @@ KERNEL_MIN_GPA = 0x100000
 # RAM is split around the 32-bit MMIO hole, like on a PC.
 MMIO_HOLE_START = 3 * GiB
 MMIO_HOLE_END = 4 * GiB
+VIRTIO_MMIO_BASE = 0xC0000000  # virtio-mmio device n at VIRTIO_MMIO_BASE + n * VIRTIO_MMIO_WINDOW
+VIRTIO_MMIO_WINDOW = 0x1000
+VIRTIO_FIRST_GSI = 5  # device n interrupts on IOAPIC pin 5 + n (COM1 has 4)
 IOAPIC_GPA = 0xFEC00000
 LAPIC_GPA = 0xFEE00000
 

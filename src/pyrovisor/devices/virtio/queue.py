@@ -1,0 +1,245 @@
+"""SplitQueue: a virtio split virtqueue (virtio 1.2 §2.7) read and written through GuestMemory, with every
+guest-supplied index, address and length checked, so a hostile driver can only break its own device."""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pyrovisor.errors import GuestMemoryError
+from pyrovisor.memory import GuestMemory
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+
+DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
+USED_ELEMENT = struct.Struct("<II")  # id, len
+MAX_QUEUE_SIZE = 32768
+MAX_INDIRECT = 1024  # descriptors in one indirect table (an indirect table is at most 16 KiB)
+MAX_CHAIN_BYTES = 1 << 32  # a chain's buffers together: anything larger is not a real request
+
+
+class QueueError(Exception):
+    """The driver broke the queue's rules; the device must stop using it (DEVICE_NEEDS_RESET)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Buffer:
+    """One descriptor's buffer: guest-physical address and length, checked to lie in guest RAM."""
+
+    address: int
+    length: int
+
+
+@dataclass(frozen=True)
+class DescriptorChain:
+    """A request popped from the available ring: the buffers the device reads, then those it writes."""
+
+    head: int
+    readable: tuple[Buffer, ...]
+    writable: tuple[Buffer, ...]
+
+    @property
+    def readable_length(self) -> int:
+        return sum(buffer.length for buffer in self.readable)
+
+    @property
+    def writable_length(self) -> int:
+        return sum(buffer.length for buffer in self.writable)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """A queue as the driver configured it and as far as the device has got (snapshots, migration)."""
+
+    size: int = 0
+    ready: bool = False
+    desc: int = 0
+    avail: int = 0
+    used: int = 0
+    next_avail: int = 0  # the device's position in the available ring
+    next_used: int = 0  # the index the device last published in the used ring
+    signalled_used: int = 0  # next_used when the driver was last interrupted (EVENT_IDX)
+    event_idx: bool = False  # VIRTIO_F_EVENT_IDX negotiated
+    indirect: bool = False  # VIRTIO_F_INDIRECT_DESC negotiated
+
+
+_FENCE = threading.Lock()
+
+
+def memory_fence() -> None:
+    """A full barrier between this thread's stores and its later loads (x86 may reorder exactly those).
+
+    Taking and releasing a lock is a locked read-modify-write, which orders them; the virtio rules need it
+    wherever the device publishes an index and then reads the driver's (used idx → used_event, avail_event →
+    avail idx), or a notification or an interrupt can be lost.
+    """
+    with _FENCE:
+        pass
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """The virtio rule for EVENT_IDX: did the index pass `event` when it moved from old to new?"""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+class SplitQueue:
+    """The device's side of one split virtqueue.
+
+    The transport sets `size`, the three ring addresses and the negotiated `event_idx` and `indirect` from
+    the driver's writes, then
+    `activate()` checks them. `pop()` returns the next chain or None; `add_used()` publishes a finished
+    one; `needs_interrupt()` says whether the driver asked to hear about it.
+    """
+
+    def __init__(self, memory: GuestMemory, max_size: int, state: QueueState | None = None) -> None:
+        if not 0 < max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue size {max_size} is not a power of two up to {MAX_QUEUE_SIZE}")
+        self.memory = memory
+        self.max_size = max_size
+        self.load(state or QueueState())
+
+    # --- configuration --------------------------------------------------------------------------------
+    def load(self, state: QueueState) -> None:
+        self.size = state.size
+        self.ready = state.ready
+        self.desc, self.avail, self.used = state.desc, state.avail, state.used
+        self.next_avail, self.next_used = state.next_avail & 0xFFFF, state.next_used & 0xFFFF
+        self.signalled_used = state.signalled_used & 0xFFFF
+        self.event_idx = state.event_idx
+        self.indirect = state.indirect
+
+    def save(self) -> QueueState:
+        return QueueState(self.size, self.ready, self.desc, self.avail, self.used, self.next_avail, self.next_used,
+                          self.signalled_used, self.event_idx, self.indirect)
+
+    def reset(self) -> None:
+        self.load(QueueState())
+
+    def activate(self) -> None:
+        """Check the driver's configuration before the queue is used (QueueReady, or after a restore)."""
+        size = self.size
+        if not 0 < size <= self.max_size or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of two up to {self.max_size}")
+        for name, address, length, alignment in (
+                ("descriptor table", self.desc, DESCRIPTOR.size * size, 16),
+                ("available ring", self.avail, 6 + 2 * size, 2),
+                ("used ring", self.used, 6 + USED_ELEMENT.size * size, 4)):
+            if address % alignment:
+                raise QueueError(f"{name} at {address:#x} is not {alignment}-byte aligned")
+            if not self.memory.contains(address, length):
+                raise QueueError(f"{name} at {address:#x} (+{length:#x}) is not in guest RAM")
+
+    # --- the available ring ----------------------------------------------------------------------------
+    def pending(self) -> int:
+        """Chains the driver has made available and the device has not taken yet."""
+        available = (self.memory.read_u16(self.avail + 2) - self.next_avail) & 0xFFFF
+        if available > self.size:
+            raise QueueError(f"available index moved {available} entries ahead of a {self.size}-entry queue")
+        return available
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, fully checked, or None when the driver has made none available."""
+        try:
+            if not self.pending():
+                return None
+            head = self.memory.read_u16(self.avail + 4 + 2 * (self.next_avail % self.size))
+            chain = self._walk(head)
+        except GuestMemoryError as exc:  # the rings themselves were checked: only a bad buffer gets here
+            raise QueueError(f"guest memory access failed: {exc}") from None
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        return chain
+
+    def _walk(self, head: int) -> DescriptorChain:
+        if head >= self.size:
+            raise QueueError(f"chain head {head} is outside the {self.size}-entry descriptor table")
+        readable: list[Buffer] = []
+        writable: list[Buffer] = []
+        table, table_size, index = self.desc, self.size, head
+        indirect = False
+        total = 0
+        seen = 0
+        while True:
+            seen += 1
+            if seen > table_size:
+                raise QueueError(f"descriptor chain from {head} loops or is longer than its table ({table_size})")
+            address, length, flags, following = DESCRIPTOR.unpack(self.memory.read(table + DESCRIPTOR.size * index,
+                                                                                   DESCRIPTOR.size))
+            if flags & DESC_F_INDIRECT:
+                if indirect:
+                    raise QueueError("an indirect table points to another indirect table")
+                if flags & DESC_F_NEXT:
+                    raise QueueError("a descriptor is both indirect and chained")
+                if not self.indirect:
+                    raise QueueError("indirect descriptor used but VIRTIO_F_INDIRECT_DESC was not negotiated")
+                if length == 0 or length % DESCRIPTOR.size or length // DESCRIPTOR.size > MAX_INDIRECT:
+                    raise QueueError(f"indirect table of {length} bytes (a multiple of 16, at most "
+                                     f"{MAX_INDIRECT} descriptors)")
+                if address % 16 or not self.memory.contains(address, length):
+                    raise QueueError(f"indirect table at {address:#x} (+{length:#x}) is not aligned in guest RAM")
+                table, table_size, index, indirect, seen = address, length // DESCRIPTOR.size, 0, True, 0
+                continue
+            if not self.memory.contains(address, length) and length:
+                raise QueueError(f"buffer at {address:#x} (+{length:#x}) is not in guest RAM")
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise QueueError(f"descriptor chain from {head} holds more than {MAX_CHAIN_BYTES} bytes")
+            if flags & DESC_F_WRITE:
+                writable.append(Buffer(address, length))
+            elif writable:
+                raise QueueError("a device-readable buffer follows a device-writable one")
+            else:
+                readable.append(Buffer(address, length))
+            if not flags & DESC_F_NEXT:
+                return DescriptorChain(head, tuple(readable), tuple(writable))
+            if following >= table_size:
+                raise QueueError(f"descriptor {index} chains to {following}, outside its {table_size}-entry table")
+            index = following
+
+    # --- the used ring ---------------------------------------------------------------------------------------
+    def add_used(self, head: int, written: int) -> None:
+        """Publish a finished chain and how many bytes the device wrote into it."""
+        slot = self.used + 4 + USED_ELEMENT.size * (self.next_used % self.size)
+        self.memory.write(slot, USED_ELEMENT.pack(head, written))
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        self.memory.write_u16(self.used + 2, self.next_used)  # after the element: the driver reads it next
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt for what was published since the last one."""
+        memory_fence()  # the used index written above must be visible before the driver's flag is read
+        if self.event_idx:
+            used_event = self.memory.read_u16(self.avail + 4 + 2 * self.size)
+            wanted = need_event(used_event, self.next_used, self.signalled_used)
+        else:
+            wanted = not self.memory.read_u16(self.avail) & AVAIL_F_NO_INTERRUPT
+        self.signalled_used = self.next_used
+        return wanted
+
+    def want_notifications(self) -> None:
+        """With EVENT_IDX, ask the driver to notify again as soon as it adds beyond what was taken."""
+        if self.event_idx:
+            self.memory.write_u16(self.used + 4 + USED_ELEMENT.size * self.size, self.next_avail)
+
+    def available_chains(self) -> Iterator[DescriptorChain]:
+        """Every chain the driver makes available until it has to notify again.
+
+        After the ring looks empty, the device asks for a notification and looks once more: a chain added
+        between the last look and the request would otherwise wait for a notification the driver, seeing the
+        old request, never sends.
+        """
+        while True:
+            while (chain := self.pop()) is not None:
+                yield chain
+            self.want_notifications()
+            memory_fence()
+            if not self.pending():
+                return

@@ -1,0 +1,165 @@
+"""The split virtqueue against honest and hostile drivers: exact chains, and any ring a driver can write is
+either served or refused with a QueueError, never another exception or a hang."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from virtio_driver import DriverQueue, MiB
+
+from pyrovisor.devices.virtio.queue import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    Buffer,
+    QueueError,
+    QueueState,
+    SplitQueue,
+    need_event,
+)
+from pyrovisor.memory import GuestMemory, MemoryRegion
+
+RAM = 4 * MiB
+RING_BASE = 0x10000
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def memory() -> Iterator[GuestMemory]:
+    memory = GuestMemory([MemoryRegion.anonymous(0, RAM, huge_pages=False)])
+    yield memory
+    memory.close()
+
+
+def queue_pair(memory: GuestMemory, size: int = SIZE, event_idx: bool = False,
+               indirect: bool = True) -> tuple[DriverQueue, SplitQueue]:
+    memory.fill(RING_BASE, 0x4000, 0)
+    driver = DriverQueue(memory, RING_BASE, size)
+    device = SplitQueue(memory, 256, QueueState(size=size, ready=True, desc=driver.desc, avail=driver.avail,
+                                                used=driver.used, event_idx=event_idx, indirect=indirect))
+    device.activate()
+    return driver, device
+
+
+def test_chains_come_out_as_the_driver_put_them_in(memory: GuestMemory) -> None:
+    driver, device = queue_pair(memory)
+    head = driver.add_chain([(0x20000, 16)], [(0x21000, 512), (0x22000, 1)])
+    indirect = driver.add_chain([(0x30000, 8)], [(0x31000, 4096)], indirect_at=0x40000)
+    first = device.pop()
+    assert first is not None and first.head == head
+    assert first.readable == (Buffer(0x20000, 16),) and first.writable == (Buffer(0x21000, 512), Buffer(0x22000, 1))
+    second = device.pop()
+    assert second is not None and second.head == indirect and second.writable_length == 4096
+    assert device.pop() is None
+    device.add_used(first.head, 513)
+    device.add_used(second.head, 4096)
+    assert driver.used_entries() == [(head, 513), (indirect, 4096)]
+
+
+def test_event_idx_interrupts_only_when_the_driver_asked(memory: GuestMemory) -> None:
+    driver, device = queue_pair(memory, event_idx=True)
+    used_event = driver.avail + 4 + 2 * SIZE
+    memory.write_u16(used_event, 1)  # "interrupt me once the second buffer is used"
+    for _ in range(3):
+        driver.add_chain([], [(0x20000, 8)])
+    for expected in (False, True, False):
+        chain = device.pop()
+        assert chain is not None
+        device.add_used(chain.head, 8)
+        assert device.needs_interrupt() is expected
+    device.want_notifications()
+    assert memory.read_u16(driver.used + 4 + 8 * SIZE) == 3, "avail_event tells the driver where to notify"
+    assert need_event(0xFFFF, 0, 0xFFFE) and not need_event(5, 3, 2)
+
+
+def test_state_survives_save_and_load(memory: GuestMemory) -> None:
+    driver, device = queue_pair(memory, event_idx=True)
+    driver.add_chain([], [(0x20000, 8)])
+    device.add_used(device.pop().head, 8)  # type: ignore[union-attr]
+    clone = SplitQueue(memory, 256, device.save())
+    assert clone.save() == device.save() and clone.next_avail == 1 and clone.next_used == 1
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: d.memory.write_u16(d.avail + 2, 40), "moved 40 entries ahead"),
+    (lambda d: d.memory.write_u16(d.avail + 4, SIZE), "outside the 16-entry descriptor table"),
+    (lambda d: d.write_descriptor(d.desc, 0, 0x20000, 8, DESC_F_NEXT, 0), "loops"),
+    (lambda d: d.write_descriptor(d.desc, 0, RAM - 8, 16, 0, 0), "not in guest RAM"),
+    (lambda d: d.write_descriptor(d.desc, 0, 0x20000, 8, DESC_F_NEXT, 99), "outside its 16-entry table"),
+    (lambda d: d.write_descriptor(d.desc, 0, 0x40000, 17, DESC_F_INDIRECT, 0), "indirect table of 17 bytes"),
+    (lambda d: d.write_descriptor(d.desc, 0, RAM - 16, 32, DESC_F_INDIRECT, 0), "not aligned in guest RAM"),
+    (lambda d: d.write_descriptor(d.desc, 0, 0x40000, 16, DESC_F_INDIRECT | DESC_F_NEXT, 1), "both indirect"),
+])
+def test_each_broken_rule_is_a_queue_error(memory: GuestMemory, damage, message: str) -> None:  # type: ignore[no-untyped-def]
+    driver, device = queue_pair(memory)
+    driver.add_chain([(0x20000, 8)], [])
+    damage(driver)
+    with pytest.raises(QueueError, match=message):
+        device.pop()
+
+
+def test_readable_after_writable_and_nested_indirect_are_refused(memory: GuestMemory) -> None:
+    driver, device = queue_pair(memory)
+    driver.write_descriptor(driver.desc, 0, 0x20000, 8, DESC_F_WRITE | DESC_F_NEXT, 1)
+    driver.write_descriptor(driver.desc, 1, 0x21000, 8, 0, 0)
+    memory.write_u16(driver.avail + 4, 0)
+    memory.write_u16(driver.avail + 2, 1)
+    with pytest.raises(QueueError, match="readable buffer follows a device-writable"):
+        device.pop()
+    driver, device = queue_pair(memory)
+    driver.write_descriptor(0x40000, 0, 0x40100, 16, DESC_F_INDIRECT, 0)
+    driver.write_descriptor(driver.desc, 0, 0x40000, 16, DESC_F_INDIRECT, 0)
+    memory.write_u16(driver.avail + 2, 1)
+    with pytest.raises(QueueError, match="another indirect table"):
+        device.pop()
+    driver, device = queue_pair(memory, indirect=False)
+    driver.add_chain([(0x20000, 8)], [], indirect_at=0x40000)
+    with pytest.raises(QueueError, match="INDIRECT_DESC was not negotiated"):
+        device.pop()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("size", 12, "not a power of two"), ("size", 512, "not a power of two up to 256"),
+    ("desc", 0x10008, "not 16-byte aligned"), ("used", RAM - 8, "not in guest RAM"), ("avail", 0x10001, "2-byte"),
+])
+def test_activation_checks_the_configuration(memory: GuestMemory, field: str, value: int, message: str) -> None:
+    state = QueueState(size=SIZE, ready=True, desc=0x10000, avail=0x11000, used=0x12000)
+    queue = SplitQueue(memory, 256, QueueState(**{**state.__dict__, field: value}))
+    with pytest.raises(QueueError, match=message):
+        queue.activate()
+
+
+DESCRIPTORS = st.tuples(st.integers(0, RAM + 0x10000), st.integers(0, 0x10000), st.integers(0, 7), st.integers(0, 40))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.lists(DESCRIPTORS, min_size=SIZE, max_size=SIZE),
+       indirect=st.lists(DESCRIPTORS, min_size=0, max_size=8),
+       ring=st.lists(st.integers(0, 0xFFFF), min_size=SIZE, max_size=SIZE),
+       avail_index=st.integers(0, 0xFFFF), event_idx=st.booleans())
+def test_random_rings_are_served_or_refused(memory: GuestMemory, table: list[tuple[int, int, int, int]],
+                                            indirect: list[tuple[int, int, int, int]], ring: list[int],
+                                            avail_index: int, event_idx: bool) -> None:
+    driver, device = queue_pair(memory, event_idx=event_idx)
+    for index, descriptor in enumerate(table):
+        memory.write(driver.desc + 16 * index, struct.pack("<QIHH", *descriptor))
+    for index, descriptor in enumerate(indirect):
+        memory.write(0x40000 + 16 * index, struct.pack("<QIHH", *descriptor))
+    for index, head in enumerate(ring):
+        memory.write_u16(driver.avail + 4 + 2 * index, head)
+    memory.write_u16(driver.avail + 2, avail_index)
+    served = 0
+    try:
+        while (chain := device.pop()) is not None:
+            served += 1
+            assert served <= SIZE
+            for buffer in (*chain.readable, *chain.writable):
+                assert buffer.length == 0 or memory.contains(buffer.address, buffer.length)
+            device.add_used(chain.head, chain.writable_length)
+            device.needs_interrupt()
+    except QueueError:
+        pass
