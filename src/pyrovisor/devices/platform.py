@@ -113,8 +113,10 @@ def virtio_devices(config: MachineConfig) -> list[tuple[str, str, Any]]:
                                                                      serial=disk.serial)))
     if config.rng:
         devices.append(("rng0", "virtio-rng", VirtioRngState()))
-    if config.nets or config.vsock is not None:
-        raise DeviceError("virtio", "virtio-net and virtio-vsock are not available in this build yet")
+    if config.nets:  # virtio-net: devices/virtio/net.py
+        raise DeviceError("virtio", "virtio-net is not available in this build yet")
+    if config.vsock is not None:  # virtio-vsock: devices/virtio/vsock.py
+        raise DeviceError("virtio", "virtio-vsock is not available in this build yet")
     return devices
 
 
