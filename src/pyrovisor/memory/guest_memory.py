@@ -47,6 +47,7 @@ class GuestMemory:
             if before.end > after.gpa:
                 raise ConfigError("guest memory", (before, after), "regions overlap")
         self._starts = [region.gpa for region in self._regions]
+        self._ends = [region.end for region in self._regions]
         self._write_log = HostWriteLog(self._regions)
 
     # --- layout -------------------------------------------------------------------------------
@@ -65,8 +66,8 @@ class GuestMemory:
         return self._regions[-1].end
 
     def contains(self, gpa: int, size: int = 1) -> bool:
-        region = self._region_at(gpa)
-        return region is not None and gpa + size <= region.end
+        index = bisect.bisect_right(self._starts, gpa) - 1
+        return index >= 0 and gpa + size <= self._ends[index] and size >= 0
 
     def region_of(self, gpa: int) -> MemoryRegion:
         region = self._region_at(gpa)
@@ -76,13 +77,22 @@ class GuestMemory:
 
     def _region_at(self, gpa: int) -> MemoryRegion | None:
         index = bisect.bisect_right(self._starts, gpa) - 1
-        if index < 0:
+        if index < 0 or gpa >= self._ends[index]:
             return None
-        region = self._regions[index]
-        return region if gpa < region.end else None
+        return self._regions[index]
+
+    def _inside_one(self, gpa: int, size: int) -> tuple[MemoryRegion, int] | None:
+        """The fast path of every access: (region, offset) when [gpa, gpa+size) lies in one region."""
+        index = bisect.bisect_right(self._starts, gpa) - 1
+        if index < 0 or gpa + size > self._ends[index] or size < 0:
+            return None
+        return self._regions[index], gpa - self._starts[index]
 
     def _locate(self, gpa: int, size: int) -> tuple[MemoryRegion, int]:
         """Region and offset for an access that must lie inside one region."""
+        inside = self._inside_one(gpa, size)
+        if inside is not None:
+            return inside
         if gpa < 0 or size < 0:
             raise GuestMemoryError(gpa, size, "negative address or size")
         region = self._region_at(gpa)
@@ -110,6 +120,10 @@ class GuestMemory:
 
     # --- byte access --------------------------------------------------------------------------
     def read(self, gpa: int, size: int) -> bytes:
+        inside = self._inside_one(gpa, size)
+        if inside is not None:
+            region, offset = inside
+            return bytes(region.view[offset:offset + size])
         pieces = [bytes(region.view[offset:offset + length]) for region, offset, length in self._checked(gpa, size)]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -121,6 +135,12 @@ class GuestMemory:
             position += length
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        inside = self._inside_one(gpa, len(data)) if isinstance(data, bytes) else None
+        if inside is not None:
+            region, offset = inside
+            region.view[offset:offset + len(data)] = data
+            self._record(gpa, len(data))
+            return
         source = memoryview(data).cast("B")
         position = 0
         for region, offset, length in self._checked(gpa, len(source)):
@@ -212,7 +232,8 @@ class GuestMemory:
 
     def mark_written(self, gpa: int, size: int) -> None:
         """Record a write made through a `view()` (zero-copy device I/O)."""
-        self._checked(gpa, size)
+        if self._inside_one(gpa, size) is None:
+            self._checked(gpa, size)
         self._record(gpa, size)
 
     def _record(self, gpa: int, size: int) -> None:

@@ -156,9 +156,13 @@ class VirtioBlk(VirtioDevice):
     def _read(self, memory: GuestMemory, sector: int, buffers: list[Buffer]) -> int:
         length = sum(buffer.length for buffer in buffers)
         offset = self._check_range(sector, length)
-        with contextlib.ExitStack() as views:
-            targets = [views.enter_context(memory.view(b.address, b.length)) for b in buffers if b.length]
-            count = os.preadv(self.fd, targets, offset) if targets else 0
+        if len(buffers) == 1:  # the usual request: one data buffer
+            with memory.view(buffers[0].address, length) as target:
+                count = os.preadv(self.fd, [target], offset)
+        else:
+            with contextlib.ExitStack() as views:
+                targets = [views.enter_context(memory.view(b.address, b.length)) for b in buffers if b.length]
+                count = os.preadv(self.fd, targets, offset) if targets else 0
         for buffer in buffers:
             if buffer.length:
                 memory.mark_written(buffer.address, buffer.length)

@@ -144,6 +144,8 @@ class VirtioMmio:
             self._irqfd = False
         for eventfd in (*self._doorbells, self._interrupt_line):
             eventfd.close()
+        for queue in self.queues:
+            queue.release()
         self.device.close()
 
     # --- state ------------------------------------------------------------------------------------------------

@@ -106,6 +106,13 @@ class SplitQueue:
             raise ValueError(f"queue size {max_size} is not a power of two up to {MAX_QUEUE_SIZE}")
         self.memory = memory
         self.max_size = max_size
+        # Views of the three rings while the queue is active (checked to lie in RAM): indexing a memoryview
+        # cast to 16 or 32 bits is one load or store of that width, and avoids a bounds check per access.
+        self._table: memoryview | None = None
+        self._avail16: memoryview | None = None
+        self._used16: memoryview | None = None
+        self._used32: memoryview | None = None
+        self._published = False  # the used ring changed since it was last reported to dirty tracking
         self.load(state or QueueState())
 
     # --- configuration --------------------------------------------------------------------------------
@@ -123,7 +130,15 @@ class SplitQueue:
                           self.signalled_used, self.event_idx, self.indirect)
 
     def reset(self) -> None:
+        self.release()
         self.load(QueueState())
+
+    def release(self) -> None:
+        """Drop the views of the rings (before guest memory can be unmapped, and on reset)."""
+        for view in (self._table, self._avail16, self._used16, self._used32):
+            if view is not None:
+                view.release()
+        self._table = self._avail16 = self._used16 = self._used32 = None
 
     def activate(self) -> None:
         """Check the driver's configuration before the queue is used (QueueReady, or after a restore)."""
@@ -138,11 +153,23 @@ class SplitQueue:
                 raise QueueError(f"{name} at {address:#x} is not {alignment}-byte aligned")
             if not self.memory.contains(address, length):
                 raise QueueError(f"{name} at {address:#x} (+{length:#x}) is not in guest RAM")
+        self.release()
+        used_bytes = 8 + USED_ELEMENT.size * size  # flags, idx, the ring, avail_event, 2 bytes of padding
+        if not self.memory.contains(self.used, used_bytes):
+            used_bytes -= 2  # at the very end of RAM: avail_event is the last field
+        self._table = self.memory.view(self.desc, DESCRIPTOR.size * size)
+        self._avail16 = self.memory.view(self.avail, 6 + 2 * size).cast("H")
+        used = self.memory.view(self.used, used_bytes - used_bytes % 4)
+        self._used32 = used.cast("I")
+        self._used16 = self.memory.view(self.used, 6 + USED_ELEMENT.size * size).cast("H")
+        used.release()
 
     # --- the available ring ----------------------------------------------------------------------------
     def pending(self) -> int:
         """Chains the driver has made available and the device has not taken yet."""
-        available = (self.memory.read_u16(self.avail + 2) - self.next_avail) & 0xFFFF
+        rings = self._avail16
+        index = rings[1] if rings is not None else self.memory.read_u16(self.avail + 2)
+        available = (index - self.next_avail) & 0xFFFF
         if available > self.size:
             raise QueueError(f"available index moved {available} entries ahead of a {self.size}-entry queue")
         return available
@@ -152,7 +179,9 @@ class SplitQueue:
         try:
             if not self.pending():
                 return None
-            head = self.memory.read_u16(self.avail + 4 + 2 * (self.next_avail % self.size))
+            rings = self._avail16
+            slot = self.next_avail % self.size
+            head = rings[2 + slot] if rings is not None else self.memory.read_u16(self.avail + 4 + 2 * slot)
             chain = self._walk(head)
         except GuestMemoryError as exc:  # the rings themselves were checked: only a bad buffer gets here
             raise QueueError(f"guest memory access failed: {exc}") from None
@@ -166,14 +195,20 @@ class SplitQueue:
         writable: list[Buffer] = []
         table, table_size, index = self.desc, self.size, head
         indirect = False
+        indirect_table = b""
         total = 0
         seen = 0
         while True:
             seen += 1
             if seen > table_size:
                 raise QueueError(f"descriptor chain from {head} loops or is longer than its table ({table_size})")
-            address, length, flags, following = DESCRIPTOR.unpack(self.memory.read(table + DESCRIPTOR.size * index,
-                                                                                   DESCRIPTOR.size))
+            if indirect:
+                address, length, flags, following = DESCRIPTOR.unpack_from(indirect_table, DESCRIPTOR.size * index)
+            elif self._table is not None:
+                address, length, flags, following = DESCRIPTOR.unpack_from(self._table, DESCRIPTOR.size * index)
+            else:
+                address, length, flags, following = DESCRIPTOR.unpack(
+                    self.memory.read(table + DESCRIPTOR.size * index, DESCRIPTOR.size))
             if flags & DESC_F_INDIRECT:
                 if indirect:
                     raise QueueError("an indirect table points to another indirect table")
@@ -187,6 +222,7 @@ class SplitQueue:
                 if address % 16 or not self.memory.contains(address, length):
                     raise QueueError(f"indirect table at {address:#x} (+{length:#x}) is not aligned in guest RAM")
                 table, table_size, index, indirect, seen = address, length // DESCRIPTOR.size, 0, True, 0
+                indirect_table = self.memory.read(address, length)  # read once, walked from this copy
                 continue
             if not self.memory.contains(address, length) and length:
                 raise QueueError(f"buffer at {address:#x} (+{length:#x}) is not in guest RAM")
@@ -208,26 +244,42 @@ class SplitQueue:
     # --- the used ring ---------------------------------------------------------------------------------------
     def add_used(self, head: int, written: int) -> None:
         """Publish a finished chain and how many bytes the device wrote into it."""
-        slot = self.used + 4 + USED_ELEMENT.size * (self.next_used % self.size)
-        self.memory.write(slot, USED_ELEMENT.pack(head, written))
+        used32, used16 = self._used32, self._used16
+        slot = self.next_used % self.size
         self.next_used = (self.next_used + 1) & 0xFFFF
-        self.memory.write_u16(self.used + 2, self.next_used)  # after the element: the driver reads it next
+        if used32 is None or used16 is None:
+            self.memory.write(self.used + 4 + USED_ELEMENT.size * slot, USED_ELEMENT.pack(head, written))
+            self.memory.write_u16(self.used + 2, self.next_used)
+            return
+        used32[1 + 2 * slot] = head
+        used32[2 + 2 * slot] = written
+        used16[1] = self.next_used  # after the element: the driver reads it next
+        self._published = True
+
+    def report_writes(self) -> None:
+        """Tell dirty tracking about the used ring the device wrote through its view (once per batch)."""
+        if self._published:
+            self._published = False
+            self.memory.mark_written(self.used, 6 + USED_ELEMENT.size * self.size + 2)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was published since the last one."""
+        self.report_writes()
         memory_fence()  # the used index written above must be visible before the driver's flag is read
+        rings = self._avail16
         if self.event_idx:
-            used_event = self.memory.read_u16(self.avail + 4 + 2 * self.size)
+            used_event = rings[2 + self.size] if rings is not None else self.memory.read_u16(self.avail + 4 + 2 * self.size)
             wanted = need_event(used_event, self.next_used, self.signalled_used)
         else:
-            wanted = not self.memory.read_u16(self.avail) & AVAIL_F_NO_INTERRUPT
+            flags = rings[0] if rings is not None else self.memory.read_u16(self.avail)
+            wanted = not flags & AVAIL_F_NO_INTERRUPT
         self.signalled_used = self.next_used
         return wanted
 
     def want_notifications(self) -> None:
         """With EVENT_IDX, ask the driver to notify again as soon as it adds beyond what was taken."""
         if self.event_idx:
-            self.memory.write_u16(self.used + 4 + USED_ELEMENT.size * self.size, self.next_avail)
+            self.memory.write_u16(self.used + 4 + USED_ELEMENT.size * self.size, self.next_avail)  # tracked
 
     def available_chains(self) -> Iterator[DescriptorChain]:
         """Every chain the driver makes available until it has to notify again.
