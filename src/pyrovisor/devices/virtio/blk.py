@@ -184,6 +184,10 @@ class VirtioBlk(VirtioDevice):
         self.stats.bytes_written += count
 
     def save_device(self, transport: TransportState) -> VirtioBlkState:
+        """The device's state, after flushing the disk: a snapshot or a migration (to shared storage) must find
+        every completed write on the disk, as the guest was told."""
+        if not self.options.read_only:
+            os.fsync(self.fd)
         return VirtioBlkState(transport, str(self.options.path), self.options.read_only, self.options.serial,
                               self.capacity, self.stats.reads, self.stats.writes, self.stats.flushes, self.stats.errors)
 

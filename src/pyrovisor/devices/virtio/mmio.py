@@ -173,6 +173,12 @@ class VirtioMmio:
                 self.device.activate(list(self.queues), self.driver_features)
             except QueueError as exc:
                 self._break(f"restored queue configuration is invalid: {exc.reason}")
+                return
+            # A doorbell rung before the VM was saved is not part of its state: look at every queue once, so
+            # requests the driver made available then are served (a driver that polls would wait forever).
+            for index, queue in enumerate(self.queues):
+                if queue.ready:
+                    self.wiring.loop.call_soon(functools.partial(self.kick, index))
 
     def save_transport(self) -> TransportState:
         with self.lock:
