@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +70,11 @@ class Vmm:
     def adopt(self, resources: ExitStack) -> None:
         """Take over what the builder acquired; `close()` releases it after everything added later."""
         self._resources.push(resources)
+
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Release something attached to this VM (an estimator, a server) when it closes, before the VM's own
+        resources (guest memory among them) are released."""
+        self._resources.callback(release)
 
     # --- parts --------------------------------------------------------------------------------------
     @property

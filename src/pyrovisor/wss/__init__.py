@@ -1,0 +1,1 @@
+"""Working sets measured from the host, trusting nothing the guest says (sampling with userfaultfd)."""
