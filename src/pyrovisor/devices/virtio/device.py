@@ -30,8 +30,9 @@ class VirtioDevice:
     The transport owns registers, status and queues; the device says what it offers (`device_id`,
     `features`, `queue_sizes`, config space) and does the work when a queue is notified (`process`,
     called on the VM's I/O thread with the transport's lock held). `interrupt()` tells the driver that
-    used buffers are ready; `config_changed()` that the config space changed. Devices with host resources
-    (files, taps, sockets) release them in `close()` and may add event sources through `start()`.
+    used buffers are ready; `config_changed()` that the config space changed; `kick(queue)` runs `process`
+    the way a doorbell does (for backends: a tap that became readable). The transport sets all three before
+    it loads any saved state. Devices with host resources (files, taps, sockets) release them in `close()`.
     """
 
     device_id = 0
@@ -43,6 +44,7 @@ class VirtioDevice:
         self.driver_features = 0
         self.interrupt: Callable[[], None] = lambda: None
         self.config_changed: Callable[[], None] = lambda: None
+        self.kick: Callable[[int], None] = lambda queue_index: None
 
     def config(self) -> bytes:
         """The device-specific configuration space as the driver reads it."""

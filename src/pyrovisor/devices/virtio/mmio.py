@@ -106,9 +106,10 @@ class VirtioMmio:
         self._registered: list[EventFd] = []
         self._irqfd = False
         self.queues = [SplitQueue(wiring.memory, size) for size in device.queue_sizes]
-        self._load(state or TransportState())
         device.interrupt = self._used_buffer_interrupt
         device.config_changed = self._config_interrupt
+        device.kick = self.kick
+        self._load(state or TransportState())
         try:
             self._wire()
         except BaseException:
