@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,14 @@ class VsockConfig:
 
 
 @dataclass(frozen=True)
+class BalloonConfig:
+    """A virtio-balloon device: the host sets a target, the guest gives that much memory back."""
+
+    stats_interval_s: float = 1.0  # how often the guest's memory statistics are asked for; 0: only on request
+    deflate_on_oom: bool = True  # the guest may take pages back from the balloon when it runs out of memory
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     kernel: Path
     memory_size: int = DEFAULT_MEMORY
@@ -62,6 +71,7 @@ class MachineConfig:
     nets: tuple[NetConfig, ...] = ()
     rng: bool = False
     vsock: VsockConfig | None = None
+    balloon: BalloonConfig | None = None
 
     def validate(self) -> None:
         check_memory_size(self.memory_size, format_size(self.memory_size))
@@ -108,6 +118,7 @@ def check_virtio_devices(config: MachineConfig) -> None:
     """The virtio devices a configuration asks for: how many, and values that are well-formed (whether a disk
     file or a tap exists is checked when the device is created)."""
     count = len(config.disks) + len(config.nets) + int(config.rng) + int(config.vsock is not None)
+    count += int(config.balloon is not None)
     if count > MAX_VIRTIO_DEVICES:
         raise ConfigError("virtio devices", count, f"at most {MAX_VIRTIO_DEVICES}")
     for disk in config.disks:
@@ -128,6 +139,18 @@ def check_virtio_devices(config: MachineConfig) -> None:
             raise ConfigError("vsock cid", config.vsock.cid, "must be at least 3 (0-2 are reserved) and below 2^32-1")
         if not str(config.vsock.uds_path):
             raise ConfigError("vsock socket", str(config.vsock.uds_path), "needs a path")
+    if config.balloon is not None:
+        check_balloon(config.balloon)
+
+
+MAX_BALLOON_INTERVAL_S = 86400.0
+
+
+def check_balloon(balloon: BalloonConfig) -> None:
+    interval = balloon.stats_interval_s
+    if not math.isfinite(interval) or not (interval == 0 or 0.01 <= interval <= MAX_BALLOON_INTERVAL_S):
+        raise ConfigError("balloon statistics interval", interval,
+                          f"0 (only on request) or 0.01 to {MAX_BALLOON_INTERVAL_S:g} seconds")
 
 
 def _valid_mac(text: str) -> bool:

@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         cmdline=args.cmdline if args.cmdline is not None else (spec.args if spec else ""),
         initrd=args.initrd if args.initrd is not None else (spec.initrd if spec else None),
         dirty_ring_entries=args.dirty_ring,
-        disks=tuple(args.disk), nets=tuple(args.net), rng=args.rng, vsock=args.vsock,
+        disks=tuple(args.disk), nets=tuple(args.net), rng=args.rng, vsock=args.vsock, balloon=args.balloon,
     )
     console = StdoutConsole()
     with build_vm(config, console) as vmm:

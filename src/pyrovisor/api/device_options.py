@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pyrovisor.config import DiskConfig, NetConfig, VsockConfig
+from pyrovisor.config import BalloonConfig, DiskConfig, NetConfig, VsockConfig, check_balloon
+from pyrovisor.errors import ConfigError
 
 
 def _options(text: str, flag: str, allowed: set[str], flags: set[str]) -> tuple[list[str], dict[str, str]]:
@@ -61,6 +62,24 @@ def vsock(text: str) -> VsockConfig:
     return VsockConfig(cid=cid, uds_path=Path(pairs["uds"]))
 
 
+def balloon(text: str) -> BalloonConfig:
+    bare, pairs = _options(text, "--balloon", {"stats", "oom"}, set())
+    if bare:
+        raise argparse.ArgumentTypeError(f"invalid --balloon {text!r}: expected [stats=SECONDS][,oom=on|off]")
+    try:
+        interval = float(pairs.get("stats", "1"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid --balloon {text!r}: stats must be a number of seconds") from None
+    if pairs.get("oom", "on") not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"invalid --balloon {text!r}: oom must be on or off")
+    config = BalloonConfig(stats_interval_s=interval, deflate_on_oom=pairs.get("oom", "on") == "on")
+    try:
+        check_balloon(config)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"invalid --balloon {text!r}: stats must be {exc.reason}") from None
+    return config
+
+
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disk", type=disk, action="append", default=[], metavar="FILE[,ro][,serial=S]",
                         help="a virtio-blk disk on a raw file (repeat for more disks)")
@@ -69,3 +88,6 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host's getrandom()")
     parser.add_argument("--vsock", type=vsock, metavar="cid=N,uds=PATH",
                         help="a virtio-vsock device: the guest's CID, and the host Unix socket its streams meet")
+    parser.add_argument("--balloon", type=balloon, nargs="?", const=BalloonConfig(), metavar="stats=SECONDS",
+                        help="a virtio-balloon device; its memory statistics are asked for every SECONDS (default 1, "
+                             "0: only on request); oom=off refuses deflate-on-OOM")

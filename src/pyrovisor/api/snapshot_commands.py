@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     snapshot.add_argument("path", type=Path, help="directory to create")
     snapshot.add_argument("--diff", action="store_true", help="only the pages written since the last snapshot")
     snapshot.set_defaults(handler=_ctl)
+    balloon = verbs.add_parser("balloon", help="show the balloon, or set its target")
+    balloon.add_argument("--target-mib", type=_target_mib, metavar="MIB",
+                         help="memory the guest should give back to the host, 0 to its RAM size")
+    balloon.add_argument("--json", action="store_true", help="print the balloon's document as JSON")
+    balloon.set_defaults(handler=_ctl_balloon)
     add_ctl_verbs(verbs)
 
 
@@ -59,4 +65,27 @@ def _ctl(args: argparse.Namespace) -> int:
     else:
         response = client.post(f"/{args.verb}")
     print(json.dumps(response, indent=2))
+    return 0
+
+
+def _target_mib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"invalid --target-mib {text!r}: expected a number of MiB, 0 or more")
+    return value
+
+
+def _ctl_balloon(args: argparse.Namespace) -> int:
+    from pyrovisor.api.balloon_routes import describe_balloon
+    from pyrovisor.api.client import ApiClient
+
+    client = ApiClient(args.socket)
+    if args.target_mib is None:
+        document = client.get("/balloon")
+    else:
+        document = client.post("/balloon", {"target_mib": args.target_mib})
+    print(json.dumps(document, indent=2) if args.json else describe_balloon(document))
     return 0

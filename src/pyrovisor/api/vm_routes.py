@@ -40,6 +40,8 @@ class VmRoutes:
         self.routes.add("POST", "/snapshot", self.snapshot)
         self.routes.add("POST", "/migrate", self.migrate)
         self.routes.add("GET", "/migration", self.migration_status)
+        from pyrovisor.api.balloon_routes import add_balloon_routes
+        add_balloon_routes(self.routes, vmm)
         self.migration: BackgroundMigration | None = None
 
     def status(self, body: JsonObject) -> JsonObject:

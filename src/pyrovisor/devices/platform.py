@@ -18,9 +18,12 @@ from pyrovisor.devices.page_discard import (
     PageDiscardState,
 )
 from pyrovisor.devices.serial import SerialState
+from pyrovisor.devices.virtio.balloon import BALLOON_NAME, VirtioBalloon, VirtioBalloonState
 from pyrovisor.devices.virtio.blk import BlockOptions, VirtioBlk, VirtioBlkState
 from pyrovisor.devices.virtio.mmio import MmioWiring, VirtioMmio
+from pyrovisor.devices.virtio.net import NetOptions, VirtioNet, VirtioNetState
 from pyrovisor.devices.virtio.rng import VirtioRng, VirtioRngState
+from pyrovisor.devices.virtio.vsock import VirtioVsock, VirtioVsockState
 from pyrovisor.errors import DeviceError
 
 SERIAL = "serial0"
@@ -77,12 +80,68 @@ def _virtio_blk(context: DeviceContext, name: str, placement: Placement, state: 
         raise
 
 
+def _virtio_net(context: DeviceContext, name: str, placement: Placement, state: VirtioNetState | None) -> ManagedDevice:
+    if state is None or not state.tap:
+        raise DeviceError(name, "a network interface needs a tap device")
+    wiring = _wiring(context, placement)
+    device = VirtioNet(NetOptions(state.tap, state.mac), wiring.loop, state, name)
+    try:
+        transport = VirtioMmio(name, device, wiring, state.transport)
+    except BaseException:
+        device.close()
+        raise
+    device.kick = transport.kick  # the tap's readiness works through the transport, like a doorbell
+    return transport
+
+
+def _virtio_balloon(context: DeviceContext, name: str, placement: Placement,
+                    state: VirtioBalloonState | None) -> ManagedDevice:
+    wiring = _wiring(context, placement)
+    device = VirtioBalloon(context.memory, state, wiring.loop, name)
+    try:
+        transport = VirtioMmio(name, device, wiring, state.transport if state is not None else None)
+    except BaseException:
+        device.close()
+        raise
+    device.attached(transport.lock, transport.kick)  # host requests share its lock and go through its checks
+    return transport
+
+
+def _balloon_entries(config: MachineConfig) -> list[tuple[str, str, Any]]:
+    if config.balloon is None:
+        return []
+    return [(BALLOON_NAME, "virtio-balloon", VirtioBalloonState(stats_interval_s=config.balloon.stats_interval_s,
+                                                                 deflate_on_oom=config.balloon.deflate_on_oom))]
+
+
+def _virtio_vsock(context: DeviceContext, name: str, placement: Placement,
+                  state: VirtioVsockState | None) -> ManagedDevice:
+    if state is None or not state.uds_path:
+        raise DeviceError(name, "a vsock device needs a guest cid and a Unix socket path")
+    wiring = _wiring(context, placement)
+    device = VirtioVsock(state.cid, Path(state.uds_path), state, name)
+    try:
+        transport = VirtioMmio(name, device, wiring, state.transport)
+    except BaseException:
+        device.close()
+        raise
+    try:
+        device.start(transport)  # its sockets go on the event loop, its work runs under the transport's lock
+    except BaseException:
+        transport.close()
+        raise
+    return transport
+
+
 KINDS: dict[str, DeviceKind[Any]] = {kind.name: kind for kind in (
     DeviceKind("uart16550", SerialState, _serial),
     DeviceKind("debug-exit", DebugExitState, _debug_exit),
     DeviceKind("page-discard", PageDiscardState, _page_discard),
     DeviceKind("virtio-rng", VirtioRngState, _virtio_rng),
     DeviceKind("virtio-blk", VirtioBlkState, _virtio_blk),
+    DeviceKind("virtio-vsock", VirtioVsockState, _virtio_vsock),
+    DeviceKind("virtio-net", VirtioNetState, _virtio_net),
+    DeviceKind("virtio-balloon", VirtioBalloonState, _virtio_balloon),
 )}
 
 # (name, kind, placement) of the devices a new VM gets, in attach order.
@@ -113,10 +172,12 @@ def virtio_devices(config: MachineConfig) -> list[tuple[str, str, Any]]:
                                                                      serial=disk.serial)))
     if config.rng:
         devices.append(("rng0", "virtio-rng", VirtioRngState()))
-    if config.nets:  # virtio-net: devices/virtio/net.py
-        raise DeviceError("virtio", "virtio-net is not available in this build yet")
+    devices.extend(_balloon_entries(config))  # virtio-balloon: devices/virtio/balloon.py
+    for index, net in enumerate(config.nets):  # virtio-net: devices/virtio/net.py
+        devices.append((f"net{index}", "virtio-net", VirtioNetState(tap=net.tap, mac=net.mac)))
     if config.vsock is not None:  # virtio-vsock: devices/virtio/vsock.py
-        raise DeviceError("virtio", "virtio-vsock is not available in this build yet")
+        devices.append(("vsock0", "virtio-vsock", VirtioVsockState(cid=config.vsock.cid,
+                                                                   uds_path=str(config.vsock.uds_path))))
     return devices
 
 

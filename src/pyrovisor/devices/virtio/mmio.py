@@ -179,7 +179,7 @@ class VirtioMmio:
             # requests the driver made available then are served (a driver that polls would wait forever).
             for index, queue in enumerate(self.queues):
                 if queue.ready:
-                    self.wiring.loop.call_soon(functools.partial(self.kick, index))
+                    self._doorbells[index].signal()  # served once the I/O thread runs, interrupts wired
 
     def save_transport(self) -> TransportState:
         with self.lock:
