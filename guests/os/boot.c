@@ -36,6 +36,8 @@ static bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n'; }
 struct option {
     const char *key;
     size_t key_length;
+    const char *text; /* the value as written */
+    size_t text_length;
     uint64_t value;
     bool numeric;
 };
@@ -56,6 +58,8 @@ static bool next_option(const char **cursor, const char *end, struct option *opt
             continue;
         option->key = word;
         option->key_length = (size_t)(equals - word);
+        option->text = equals + 1;
+        option->text_length = (size_t)(text - equals - 1);
         const char *number_end;
         option->numeric = parse_u64(equals + 1, &number_end, &option->value) && number_end == text;
         *cursor = text;
@@ -98,7 +102,17 @@ static void kernel_options(const struct segment *segment)
             os_options.faultaround = option_u32(&option, 1, 512);
         else if (OPTION_IS(&option, "keepmm"))
             os_options.keepmm = option_u32(&option, 0, 1);
-        else {
+        else if (OPTION_IS(&option, "balloon_report")) {
+            if (option.text_length == 3 && !memcmp(option.text, "lie", 3))
+                os_options.balloon_lie = 1;
+            else if (option.text_length == 6 && !memcmp(option.text, "honest", 6))
+                os_options.balloon_lie = 0;
+            else {
+                kprintf("os: kernel option balloon_report=%.*s is not honest or lie\n", (int)option.text_length,
+                        option.text);
+                kernel_stop(OS_EXIT_PANIC);
+            }
+        } else {
             kprintf("os: unknown kernel option '%.*s'\n", (int)option.key_length, option.key);
             kernel_stop(OS_EXIT_PANIC);
         }
@@ -346,6 +360,7 @@ void kernel_main(uint64_t boot_phys, unsigned cpu)
         list_programs();
         kernel_stop(OS_EXIT_OK);
     }
+    balloon_init(); /* a virtio-balloon device is the kernel's own */
     for (unsigned index = 0; index < count; index++) {
         if (is_kernel_segment(&segments[index]))
             continue;

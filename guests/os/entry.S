@@ -36,6 +36,15 @@ user_entry_page:
     swapgs
     jmp *%gs:CPU_SYSCALL_ENTRY
 
+/* The zeroing upcall (trap.c): the kernel sends a process here, at CPL3, with RDI = the new pages, RCX = their
+   size in qwords, RAX = 0, DF clear; the ud2 brings it back to the kernel, which restores its registers. */
+    .p2align 4
+    .globl user_zero_stub, user_zero_done
+user_zero_stub:
+    rep stosq
+user_zero_done:
+    ud2
+
     .text
 /* SYSCALL at CPL0: user RSP still loaded, RCX = user RIP, R11 = user RFLAGS, GS = per-vCPU area,
    interrupts off (FMASK). Build the same frame an interrupt from user mode would. */

@@ -68,6 +68,7 @@ enum proc_state {
 
 #define VMA_WRITE 1u
 #define VMA_HUGE 2u
+#define VMA_CACHE 4u /* SYS_MMAP with MAP_CACHE: reclaimable "page cache" (mm.c, section 11 of guest-os.md) */
 
 struct vma {
     uint64_t start, end;
@@ -167,7 +168,7 @@ struct virtio_device {
     uint64_t dma_phys;       /* the owner's DMA area */
     uint64_t dma_size;
     uint32_t owner_pid;      /* the process that opened it */
-    uint32_t reserved;
+    uint32_t bound;          /* 1: driven by a kernel driver (the balloon), never lent to a process */
 };
 
 /* Kernel options from the `kernel` segment of the command line. */
@@ -178,6 +179,7 @@ struct os_options {
     uint32_t quiet;    /* no per-process lines */
     uint32_t faultaround; /* pages a 4 KiB demand-zero fault maps at once (1: only the faulting page) */
     uint32_t keepmm;   /* exited processes keep their address spaces, for the host to inspect (sandbox) */
+    uint32_t balloon_lie; /* balloon_report=lie: MEMFREE and AVAIL reported 4x too high (capped at MEMTOT) */
 };
 
 extern struct process proc_table[MAX_PROCS];
@@ -240,18 +242,61 @@ void fatal_user_fault(struct trap_frame *frame, struct process *process, const c
 
 /* mm.c */
 void mm_init(void);
-uint64_t page_alloc(void);
-uint64_t huge_alloc(void);
+uint64_t page_alloc(void); /* one zeroed 4 KiB page for the kernel (page tables); stops the VM when memory is out */
 long spawn_command(const char *line, size_t length, uint32_t parent); /* SYS_SPAWN */
 struct mm *mm_create(void);
 bool mm_map_page(struct mm *mm, uint64_t va, uint64_t phys, uint64_t flags);
 bool mm_map_range(struct mm *mm, uint64_t va, uint64_t phys, uint64_t pages, uint64_t flags);
 bool mm_add_vma(struct mm *mm, uint64_t start, uint64_t end, uint32_t flags);
-bool mm_handle_fault(struct mm *mm, uint64_t address, uint64_t error_code);
+/* A demand-zero fault. When the pages it mapped came from memory of unknown content, zero_va and zero_bytes
+   name the range still to be cleared (the caller has it cleared in user mode); with zero_va == 0 the
+   kernel clears it itself, at CPL0. */
+bool mm_handle_fault(struct mm *mm, uint64_t address, uint64_t error_code, uint64_t *zero_va, uint64_t *zero_bytes);
 void mm_release(struct mm *mm);
 uint64_t page_alloc_contiguous(uint64_t pages); /* zeroed and physically contiguous; 0 if there is no such run */
 void mm_map_owned(struct mm *mm, uint64_t va, uint64_t phys, uint64_t pages); /* data pages, freed with the mm */
 bool mm_is_ram(uint64_t phys, uint64_t length);
+void mm_zero_cpl0(uint64_t va, uint64_t bytes); /* clears memory at (emulated) CPL0: about 0.33 ms per 4 KiB here */
+
+/* What the allocator holds, in 4 KiB pages (for the balloon's statistics and the summary). */
+struct mm_counts {
+    uint64_t ram_pages;        /* RAM the boot info describes */
+    uint64_t free_pages;       /* free: never used, zeroed and not-zero lists, pages being reported */
+    uint64_t dirty_pages;      /* of which their content is unknown (cleared on reuse) */
+    uint64_t cache_pages;      /* mapped in MAP_CACHE regions: reclaimable */
+    uint64_t cache_reclaimed;  /* cache pages taken back since boot */
+    uint64_t zeroed_user;      /* not-zero pages cleared in user mode (the zeroing upcall) */
+    uint64_t zeroed_kernel;    /* ... and at CPL0 */
+    uint64_t huge_allocs;      /* 2 MiB pages handed to processes */
+    uint64_t lost_pages;       /* freed pages that did not fit the free lists and are never reused */
+    uint64_t page_faults;      /* user page faults since boot */
+};
+extern struct mm_counts mm_counts;
+uint64_t mm_free_pages(void);
+/* The balloon's side of the allocator: free pages taken for the balloon (one contiguous range, whole
+   2 MiB chunks when `wanted` allows; at most `wanted`, 0 when no free memory is left beyond a small
+   reserve, after trying to reclaim cache), and pages given back (their content unknown). */
+uint64_t mm_balloon_take(uint64_t wanted, uint64_t *phys);
+void mm_balloon_give(uint64_t phys, uint64_t pages);
+void mm_ram_range(uint64_t *low, uint64_t *high);
+/* Free page reporting: free ranges not reported yet are taken off the lists while the device looks at
+   them (clean ones only if `clean_too`), then put back, zeroed (`stay_clean`) or not. */
+struct mm_range {
+    uint64_t phys;
+    uint64_t pages;
+    uint32_t dirty;
+    uint32_t chunk;
+};
+unsigned mm_report_take(struct mm_range *ranges, unsigned capacity, bool clean_too);
+void mm_report_return(const struct mm_range *ranges, unsigned count, bool stay_clean);
+bool mm_discard_present(void);
+
+/* balloon.c: the virtio-balloon driver (DeviceID 5), bound by the kernel itself. */
+void balloon_init(void);
+void balloon_interrupt(void);
+void balloon_tick(void);
+bool balloon_oom(uint64_t wanted, bool chunk); /* deflates for an allocation that would fail */
+void balloon_summary(void);
 #define PTE_PRESENT (1ull << 0)
 #define PTE_WRITE (1ull << 1)
 #define PTE_USER (1ull << 2)
@@ -296,6 +341,7 @@ void virtio_interrupt(unsigned cpu, unsigned index, struct trap_frame *frame);
 void virtio_wait_timed_out(const struct process *process);
 void virtio_release(const struct mm *mm);
 void virtio_summary(void);
+struct virtio_device *virtio_bind_kernel(uint32_t device_id, unsigned cpu); /* the first such device, routed to cpu */
 
 /* lapic.c */
 void lapic_timer_start(uint32_t hz);
@@ -305,6 +351,7 @@ void lapic_wake_others(void);
 
 /* entry.S */
 extern char user_entry_page[];
+extern char user_zero_stub[], user_zero_done[]; /* in the entry page: clears RCX qwords at RDI, then ud2 */
 void syscall_entry_cpl0(void);
 void resume_frame(struct trap_frame *frame) __attribute__((noreturn));      /* releases the kernel lock */
 void idle_on_stack(uint64_t stack_top) __attribute__((noreturn));         /* releases the kernel lock */

@@ -122,6 +122,7 @@ void profile_layout(void)
     CONSTANT64(USER_MMAP_BASE);
     CONSTANT(VMA_WRITE);
     CONSTANT(VMA_HUGE);
+    CONSTANT(VMA_CACHE);
 
     ENUM("proc_state", "free", PROC_FREE);
     ENUM("proc_state", "runnable", PROC_RUNNABLE);

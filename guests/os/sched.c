@@ -197,6 +197,7 @@ void timer_tick(unsigned cpu, struct trap_frame *frame)
         os_info.tick_tsc = rdtsc();
         if (sleepers && os_info.jiffies >= next_wake)
             wake_sleepers();
+        balloon_tick();
     }
     struct process *process = here->current;
     if (!process) {
@@ -237,7 +238,12 @@ static void __attribute__((noreturn)) all_exited(void)
                 cpus[cpu].syscalls - cpus[cpu].syscalls_direct, cpus[cpu].syscalls_direct, cpus[cpu].ticks,
                 cpus[cpu].idle_ticks);
     kprintf("os: %lu pages reused after the host discarded them\n", os_info.pages_reused);
+    if (mm_counts.cache_reclaimed || mm_counts.zeroed_user || mm_counts.zeroed_kernel || mm_counts.lost_pages)
+        kprintf("os: memory: %lu cache pages reclaimed, %lu not-zero pages cleared in user mode and %lu at CPL0, "
+                "%lu freed pages lost\n", mm_counts.cache_reclaimed, mm_counts.zeroed_user, mm_counts.zeroed_kernel,
+                mm_counts.lost_pages);
     virtio_summary();
+    balloon_summary();
     kernel_stop(os_info.failures ? OS_EXIT_FAILURES : OS_EXIT_OK);
 }
 

@@ -97,7 +97,8 @@ static long sys_mmap(struct trap_frame *frame)
     length = (length + granule - 1) & ~(granule - 1);
     if (!length || length > USER_MMAP_END - start)
         return -E_NOMEM;
-    if (!mm_add_vma(mm, start, start + length, VMA_WRITE | (flags & MAP_HUGE ? VMA_HUGE : 0)))
+    uint32_t vma_flags = VMA_WRITE | (flags & MAP_HUGE ? VMA_HUGE : 0) | (flags & MAP_CACHE ? VMA_CACHE : 0);
+    if (!mm_add_vma(mm, start, start + length, vma_flags))
         return -E_NOMEM;
     mm->mmap_next = start + length;
     return (long)start;
@@ -151,15 +152,16 @@ static long sys_mapio(struct trap_frame *frame)
     struct mm *mm = caller()->mm;
     uint64_t phys = frame->rdi & PTE_ADDRESS, offset = frame->rdi & (PAGE_SIZE - 1);
     uint64_t length = (offset + frame->rsi + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
-    if (!frame->rsi || length > MAPIO_MAX || phys >= (1ull << 46))
+    if (!frame->rsi || length > MAPIO_MAX || phys >= (1ull << 46) || (frame->rdx & ~(uint64_t)MAPIO_CACHED))
         return -E_INVAL;
     if (mm_is_ram(phys, length))
         return -E_PERM;
     uint64_t start = (mm->mmap_next + HUGE_SIZE - 1) & ~(HUGE_SIZE - 1);
     if (!mm_add_vma(mm, start, start + length, 0))
         return -E_NOMEM;
+    uint64_t caching = frame->rdx & MAPIO_CACHED ? 0 : PTE_PWT | PTE_PCD;
     mm_map_range(mm, start, phys, length / PAGE_SIZE,
-                 PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_PWT | PTE_PCD | PTE_ACCESSED | PTE_DIRTY | PTE_NX);
+                 PTE_PRESENT | PTE_WRITE | PTE_USER | caching | PTE_ACCESSED | PTE_DIRTY | PTE_NX);
     mm->mmap_next = start + length;
     return (long)(start + offset);
 }

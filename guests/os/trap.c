@@ -9,6 +9,50 @@
 static struct idt_gate idt[IDT_ENTRIES] __attribute__((aligned(16)));
 volatile uint32_t kernel_lock; /* 0: free, else 1 + the holding vCPU */
 
+#define VECTOR_INVALID_OPCODE 6
+#define RFLAGS_DF (1ull << 10)
+
+/* The zeroing upcall: a demand-zero fault served with pages of unknown content sends the process, before it
+   retries the faulting instruction, through `user_zero_stub` in the entry page, which clears the new pages
+   natively at CPL3 (rep stosq) and ends in ud2; the #UD brings back the registers saved here. On hosts where
+   CPL0 is emulated this is about a thousand times cheaper than clearing them in the kernel. */
+struct zero_upcall {
+    uint64_t rip, rflags, rax, rcx, rdi, pages;
+    bool active;
+};
+static struct zero_upcall upcalls[MAX_PROCS];
+
+static void zero_in_user_mode(struct process *process, struct trap_frame *frame, uint64_t va, uint64_t bytes)
+{
+    struct zero_upcall *upcall = &upcalls[process - proc_table];
+    if (upcall->active) { /* (a page it is clearing was reclaimed meanwhile and faulted back in) */
+        mm_zero_cpl0(va, bytes);
+        return;
+    }
+    *upcall = (struct zero_upcall){frame->rip, frame->rflags, frame->rax, frame->rcx, frame->rdi,
+                                   bytes / PAGE_SIZE, true};
+    frame->rip = USER_ENTRY_VA + (uint64_t)(user_zero_stub - user_entry_page);
+    frame->rflags &= ~RFLAGS_DF;
+    frame->rdi = va;
+    frame->rcx = bytes / 8;
+    frame->rax = 0;
+}
+
+static bool zero_upcall_done(struct process *process, struct trap_frame *frame)
+{
+    struct zero_upcall *upcall = &upcalls[process - proc_table];
+    if (!upcall->active || frame->rip != USER_ENTRY_VA + (uint64_t)(user_zero_done - user_entry_page))
+        return false;
+    frame->rip = upcall->rip;
+    frame->rflags = upcall->rflags;
+    frame->rax = upcall->rax;
+    frame->rcx = upcall->rcx;
+    frame->rdi = upcall->rdi;
+    upcall->active = false;
+    mm_counts.zeroed_user += upcall->pages;
+    return true;
+}
+
 static const char *vector_name(uint64_t vector)
 {
     return vector == VECTOR_TIMER ? "timer" : exception_name((unsigned)vector);
@@ -88,7 +132,7 @@ void trap_handler(struct trap_frame *frame)
             struct process *process = cpus[cpu].current;
             uint64_t address = read_cr2();
             if (vector == VECTOR_PAGE_FAULT && process && address < USER_TOP) {
-                if (mm_handle_fault(process->mm, address, frame->error_code))
+                if (mm_handle_fault(process->mm, address, frame->error_code, 0, 0))
                     return;
                 fatal_user_fault(frame, process, "bad address passed to a system call");
             }
@@ -129,9 +173,18 @@ void trap_handler(struct trap_frame *frame)
             break;
         }
         fatal_user_fault(frame, process, 0);
-    case VECTOR_PAGE_FAULT:
+    case VECTOR_PAGE_FAULT: {
         process->page_faults++;
-        if (mm_handle_fault(process->mm, read_cr2(), frame->error_code))
+        mm_counts.page_faults++;
+        uint64_t zero_va = 0, zero_bytes = 0;
+        if (!mm_handle_fault(process->mm, read_cr2(), frame->error_code, &zero_va, &zero_bytes))
+            fatal_user_fault(frame, process, 0);
+        if (zero_bytes)
+            zero_in_user_mode(process, frame, zero_va, zero_bytes);
+        break;
+    }
+    case VECTOR_INVALID_OPCODE:
+        if (zero_upcall_done(process, frame))
             break;
         fatal_user_fault(frame, process, 0);
     default:

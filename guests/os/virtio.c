@@ -256,8 +256,8 @@ long virtio_open(unsigned cpu, struct process *process, uint64_t device_id, uint
     }
     if (!device)
         return -E_NODEV;
-    if (device->owner)
-        return -E_BUSY;
+    if (device->owner || device->bound)
+        return -E_BUSY; /* another address space has it, or the kernel drives it (the balloon) */
     uint64_t ioapic;
     uint32_t pin;
     if (flags & VIRTIO_OPEN_IRQ && !ioapic_pin(device->irq, &ioapic, &pin))
@@ -338,6 +338,10 @@ void virtio_interrupt(unsigned cpu, unsigned index, struct trap_frame *frame)
 {
     struct virtio_device *device = &virtio_devices[index];
     device->interrupts++;
+    if (device->bound) {
+        balloon_interrupt();
+        return;
+    }
     struct process *waiter = device->waiter;
     if (!waiter) {
         device->pending++;
@@ -379,6 +383,21 @@ void virtio_release(const struct mm *mm)
         device->owner_pid = 0;
         device->pending = 0;
     }
+}
+
+/* A kernel driver takes the first device with this id: no process can open it, its interrupt goes to the driver
+   (routed to vCPU `cpu`, if it has an IOAPIC pin). */
+struct virtio_device *virtio_bind_kernel(uint32_t device_id, unsigned cpu)
+{
+    for (uint32_t index = 0; index < nr_virtio_devices; index++) {
+        struct virtio_device *device = &virtio_devices[index];
+        if (device->device_id != device_id || device->owner || device->bound)
+            continue;
+        device->bound = 1;
+        route(device, cpu);
+        return device;
+    }
+    return 0;
 }
 
 void virtio_summary(void)

@@ -11,10 +11,11 @@
 #define SYS_GETPID 3
 #define SYS_SLEEP 4  /* (milliseconds), rounded up to timer ticks */
 #define SYS_TIME 5   /* nanoseconds since boot */
-#define SYS_MMAP 6   /* (length, flags): a new demand-zero region; returns its address */
+#define SYS_MMAP 6   /* (length, flags: MAP_HUGE, MAP_CACHE): a new demand-zero region; returns its address */
 #define SYS_THREAD 7 /* (start, stack top, arg0, arg1, cpu or -1): a thread in the caller's address space */
 #define SYS_IOPERM 8 /* (first port, count): lets the caller use these ports (below 0x1000) */
-#define SYS_MAPIO 9  /* (physical address, length): maps device memory (outside RAM) uncached */
+#define SYS_MAPIO 9  /* (physical address, length, flags): maps device memory (outside RAM), uncached unless
+                        MAPIO_CACHED */
 #define SYS_GETCPU 10
 #define SYS_SETCPU 11 /* (cpu or -1): pins the caller to a vCPU, or unpins it */
 #define SYS_KSYM 12   /* (name): address of an exported kernel symbol (a tiny kallsyms) */
@@ -30,6 +31,10 @@
 #define SYS_COUNT 19
 
 #define MAP_HUGE 1u /* back the region with 2 MiB pages (one fault per 2 MiB) */
+#define MAP_CACHE 2u /* a "page cache" region: counted as CACHES in the balloon statistics, and taken back by the
+                        kernel (unmapped; a later access gets fresh zeroed pages) before memory runs out */
+#define MAPIO_CACHED 1u /* SYS_MAPIO flag: map write-back, for memory the VMM shares with the guest outside its RAM
+                            (a polled register page); device registers stay uncached */
 #define VIRTIO_OPEN_IRQ 1u /* SYS_VIRTIO_OPEN flag: route the device's interrupt to this vCPU for SYS_VIRTIO_WAIT */
 #define VIRTIO_DMA_MAX (16ull << 20) /* largest DMA area SYS_VIRTIO_OPEN gives */
 
