@@ -5,6 +5,7 @@ counted as CACHES and reclaimed before the balloon deflates, `balloon_report=lie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -142,10 +143,8 @@ class Guest:
 
     def close(self) -> None:
         if self.process.poll() is None:
-            try:
+            with contextlib.suppress(OSError, AssertionError):
                 self.qmp("quit")
-            except (OSError, AssertionError):
-                pass
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
