@@ -84,11 +84,11 @@ def test_an_idle_guest_has_a_small_working_set_and_growth_is_seen() -> None:
     assert all(e is not None and e.estimate_bytes < 12 * MiB for e in idle), idle
     first = busy[0]
     assert first is not None and first.high_bytes >= 90 * MiB, "growth shows in the first interval after it"
-    assert first.fast_bytes > first.slow_bytes and first.working_set_bytes == first.fast_bytes, \
-        "the fast average reacts first, and the larger average is the working set"
+    assert first.estimate_bytes > first.fast_bytes > first.slow_bytes, "the fast average follows before the slow one"
+    assert first.working_set_bytes == first.estimate_bytes, "the working set takes growth at once"
 
 
-def test_written_pages_are_told_apart_and_close_leaves_memory_whole() -> None:
+def test_close_in_the_middle_of_an_interval_leaves_memory_whole() -> None:
     with running_os("memdirty pages=4096 rate=40000 seconds=0; memcheck mib=8 passes=0 interval_ms=20") as \
             (vmm, output):
         time.sleep(1.0)
@@ -98,7 +98,7 @@ def test_written_pages_are_told_apart_and_close_leaves_memory_whole() -> None:
         estimator.close()  # in the middle of an interval: the sampled pages must go back
         assert not estimator.sampler.armed
         assert len(estimator.history) >= 2
-        assert all(e.written >= 0.4 * e.touched for e in estimator.history), "memdirty's 16 MiB are written"
+        assert all(e.high_bytes > 24 * MiB for e in estimator.history), "memdirty's 16 MiB and memcheck's 8 MiB"
         time.sleep(0.5)
     assert b"FAILED" not in output and b"MISMATCH" not in output
 

@@ -28,6 +28,7 @@ class CoalescedRing:
 
     def __init__(self, page: memoryview) -> None:
         self._page = page
+        self._first = page[:4].cast("I")  # ours: stored with one 4-byte write (KVM reads it concurrently)
         self._lock = threading.Lock()
 
     def drain(self) -> list[CoalescedWrite]:
@@ -39,7 +40,7 @@ class CoalescedRing:
                 address, length, pio, data = _ENTRY.unpack_from(self._page, ENTRIES_OFFSET + first * _ENTRY.size)
                 writes.append(CoalescedWrite(address, data[:min(length, 8)], bool(pio)))
                 first = (first + 1) % CAPACITY
-            struct.pack_into("<I", self._page, 0, first)
+            self._first[0] = first  # struct.pack_into would clear the field first: KVM could see 0 and overrun
             return writes
 
     def pending(self) -> bool:
@@ -47,4 +48,5 @@ class CoalescedRing:
         return bool(first != last)
 
     def close(self) -> None:
+        self._first.release()
         self._page.release()

@@ -1,5 +1,6 @@
 """WorkingSetEstimator: one VM's active working set, estimated every interval from the host by page sampling,
-with a confidence interval, fast and slow moving averages (ESX uses the larger) and its own cost."""
+with a confidence interval, fast and slow moving averages (ESX uses the largest of them and the current
+estimate) and its own cost."""
 
 from __future__ import annotations
 
@@ -47,7 +48,6 @@ class WorkingSetEstimate:
     interval_s: float
     sampled: int
     touched: int
-    written: int
     estimate_bytes: int
     low_bytes: int  # 95 % confidence interval
     high_bytes: int
@@ -60,8 +60,9 @@ class WorkingSetEstimate:
 
     @property
     def working_set_bytes(self) -> int:
-        """What ESX uses: the larger of the fast and slow averages (reacts to growth, slow to forget)."""
-        return max(self.fast_bytes, self.slow_bytes)
+        """What ESX uses (Waldspurger, OSDI 2002): the largest of the slow average, the fast average and this
+        interval's estimate — it follows growth at once and forgets slowly."""
+        return max(self.fast_bytes, self.slow_bytes, self.estimate_bytes)
 
 
 class WorkingSetEstimator:
@@ -94,7 +95,7 @@ class WorkingSetEstimator:
         while not self._stop.is_set():
             try:
                 estimate = self.measure_once()
-            except PyrovisorError as exc:
+            except (PyrovisorError, OSError) as exc:
                 if self.vmm.state.terminal:
                     return
                 self.error = str(exc)
@@ -126,7 +127,7 @@ class WorkingSetEstimator:
         total = self.total_bytes
         estimate = WorkingSetEstimate(
             at=time.time(), interval_s=elapsed, sampled=result.sampled, touched=result.touched,
-            written=result.written, estimate_bytes=round(fraction * total), low_bytes=round(low * total),
+            estimate_bytes=round(fraction * total), low_bytes=round(low * total),
             high_bytes=round(high * total), fast_bytes=round(self._fast.update(fraction * total)),
             slow_bytes=round(self._slow.update(fraction * total)),
             faults_per_s=result.touched / elapsed if elapsed else 0.0,

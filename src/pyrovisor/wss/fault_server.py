@@ -53,8 +53,11 @@ def serve(control: socket.socket) -> int:
     slots: dict[int, int] = {}
     buffer = bytearray(MESSAGE.size * 64)
     control.sendall(b"ok")
+    poller = select.poll()  # not select(): a host with many VMs hands out fds above 1023
+    poller.register(control.fileno(), select.POLLIN)
+    poller.register(uffd, select.POLLIN)
     while True:
-        ready, _, _ = select.select([control.fileno(), uffd], [], [])
+        ready = {fd for fd, _ in poller.poll()}
         if control.fileno() in ready:
             command = control.recv(64)
             if not command or command == b"exit":

@@ -31,7 +31,6 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 class SampleResult:
     sampled: int
     touched: int
-    written: int  # of the touched, first touched by a write
 
 
 class PageSampler:
@@ -77,7 +76,8 @@ class PageSampler:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._server = subprocess.Popen([sys.executable, "-m", "pyrovisor.wss.fault_server", str(theirs.fileno())],
-                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                            start_new_session=True)  # a terminal's Ctrl-C is the VMM's to handle
         finally:
             theirs.close()
         self._control = ours
@@ -144,8 +144,7 @@ class PageSampler:
             for region in self.memory.regions:
                 self._uffd.unregister(region.host_address, region.size)
         touched = sum(1 for flag in flags if flag)
-        written = sum(1 for flag in flags if flag & 2)
-        return SampleResult(sampled=count, touched=touched, written=written), time.perf_counter() - started
+        return SampleResult(sampled=count, touched=touched), time.perf_counter() - started
 
     # --- helpers --------------------------------------------------------------------------------------------
     def _host_address(self, page: int) -> int:
@@ -172,6 +171,11 @@ class PageSampler:
     @property
     def armed(self) -> bool:
         return self._armed > 0
+
+    @property
+    def server_pid(self) -> int | None:
+        """The fault server's process id (it costs its own memory: count it with the VM's)."""
+        return self._server.pid if self._server is not None else None
 
     def server_cpu_seconds(self) -> float:
         """CPU time the fault server has used so far (user + system), from /proc."""
