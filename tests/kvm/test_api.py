@@ -129,7 +129,7 @@ def read_response(sock: socket.socket) -> bytes:
         chunk = sock.recv(65536)
         assert chunk, "the connection closed in the middle of a response"
         body += chunk
-    return data
+    return head + b"\r\n\r\n" + body
 
 
 def closed_by_server(sock: socket.socket) -> bool:
