@@ -151,10 +151,10 @@ def density(args: argparse.Namespace) -> dict[str, Any]:
             samples = host.samples()
             guest = sum(sample.resident for sample in samples)
             rss = process_rss_bytes()
-            helpers = children_private_rss_bytes([pid for vm in host.vms.values() for pid in vm.helper_pids()])
+            helpers = children_private_rss_bytes(sorted({pid for vm in host.vms.values() for pid in vm.helper_pids()}))
             kernel = {name: (meminfo(name) - kernel_before[name]) / args.vms / MiB for name in KERNEL_FIELDS}
             fds = len(os.listdir("/proc/self/fd"))
-            pids = [pid for vm in host.vms.values() for pid in vm.helper_pids()]
+            pids = sorted({pid for vm in host.vms.values() for pid in vm.helper_pids()})
             cpu_before, wall_before, load_before = cpu_seconds(pids), time.monotonic(), load()
             time.sleep(args.idle_seconds)
             cpu = (cpu_seconds(pids) - cpu_before) / (time.monotonic() - wall_before)
@@ -237,7 +237,7 @@ def run_host(args: argparse.Namespace, budget_mib: int, policy: str, trust: bool
             def sample() -> None:
                 while not stop.wait(0.5):
                     samples = host.samples()
-                    helpers = children_private_rss_bytes([p for vm in list(host.vms.values()) for p in vm.helper_pids()])
+                    helpers = children_private_rss_bytes(sorted({p for vm in list(host.vms.values()) for p in vm.helper_pids()}))
                     timeline.at.append(time.monotonic() - began)
                     timeline.rss.append((process_rss_bytes() + helpers) / MiB)
                     for s in samples:

@@ -508,7 +508,7 @@ class Host:
         samples = self.samples() if samples is None else samples
         with self._lock:
             running = self._running()
-            pids = [pid for vm in running for pid in vm.helper_pids()]
+            pids = sorted({pid for vm in running for pid in vm.helper_pids()})  # one fault server for all VMs
             committed = sum(vm.commitment() for vm in running)
             last = self.last
         return HostSample(

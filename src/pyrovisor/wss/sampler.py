@@ -4,6 +4,7 @@ userfaultfd, put their content back, and say which were touched — Waldspurger'
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import os
 import random
@@ -11,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -25,6 +27,64 @@ SERVER_TIMEOUT_S = 10.0
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_KEYS = itertools.count(1)
+
+
+class FaultServer:
+    """The VMM process's one fault-server process (fault_server.py), started by the first sampler and stopped
+    when the last one closes. Commands from every sampler go through one socket, one at a time."""
+
+    _instance: FaultServer | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._process = subprocess.Popen([sys.executable, "-m", "pyrovisor.wss.fault_server", str(theirs.fileno())],
+                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                             start_new_session=True)  # a terminal's Ctrl-C is the VMM's to handle
+        finally:
+            theirs.close()
+        ours.settimeout(SERVER_TIMEOUT_S)
+        self._socket = ours
+        self._lock = threading.Lock()
+        self._users = 0
+        self.pid = self._process.pid
+
+    @classmethod
+    def acquire(cls) -> FaultServer:
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance._process.poll() is not None:
+                cls._instance = FaultServer()
+            cls._instance._users += 1
+            return cls._instance
+
+    def release(self) -> None:
+        with FaultServer._instance_lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            if FaultServer._instance is self:
+                FaultServer._instance = None
+        self._socket.close()
+        try:
+            self._process.wait(SERVER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def command(self, text: str, fds: tuple[int, ...] = ()) -> None:
+        with self._lock:
+            try:
+                if fds:
+                    socket.send_fds(self._socket, [text.encode()], list(fds))
+                else:
+                    self._socket.sendall(text.encode())
+                answer = self._socket.recv(16)
+            except OSError:
+                answer = b""
+        if answer != b"ok":
+            raise PyrovisorError(f"working-set sampler: the fault server did not answer {text.split()[0]!r}")
 
 
 @dataclass(frozen=True)
@@ -39,8 +99,9 @@ class PageSampler:
     `arm(count)` must run while the guest and the VMM's I/O thread are held: each sampled page's content is saved,
     then the page is registered with userfaultfd and dropped (a write between saving and dropping would be lost).
     From then on every access to a sampled page — by a vCPU through KVM, or by any VMM thread — faults to the
-    fault server (fault_server.py, a process of its own, so it never waits for this interpreter's lock), which
-    records it and copies the content back; the accessing thread waits in the kernel meanwhile. `disarm()` (also
+    fault server (fault_server.py, one process shared by every sampler of this VMM process, so it never waits
+    for this interpreter's lock), which records it and copies the content back; the accessing thread waits in
+    the kernel meanwhile. `disarm()` (also
     under a hold) puts back the pages nobody touched and unregisters. An all-zero page is not put back: it reads
     as zero while missing, and the host keeps the memory.
 
@@ -58,11 +119,12 @@ class PageSampler:
         self._random = random.Random(seed)
         self._area = SampleArea(self.capacity)
         self._armed = 0
+        self._key = next(_KEYS)
         self._uffd = UserFaultFd()
         self._memfd = -1
         self._shared: mmap.mmap | None = None
-        self._server: subprocess.Popen[bytes] | None = None
-        self._control: socket.socket | None = None
+        self._server: FaultServer | None = None
+        self._added = False
         try:
             self._start_server()
         except BaseException:
@@ -73,31 +135,13 @@ class PageSampler:
         self._memfd = os.memfd_create("pyrovisor-wss-sample", os.MFD_CLOEXEC)
         os.ftruncate(self._memfd, self._area.size)
         self._shared = mmap.mmap(self._memfd, self._area.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self._server = subprocess.Popen([sys.executable, "-m", "pyrovisor.wss.fault_server", str(theirs.fileno())],
-                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                            start_new_session=True)  # a terminal's Ctrl-C is the VMM's to handle
-        finally:
-            theirs.close()
-        self._control = ours
-        ours.settimeout(SERVER_TIMEOUT_S)
-        socket.send_fds(ours, [f"area {self.capacity}".encode()], [self._uffd.fd, self._memfd])
-        self._expect_ok("start")
+        self._server = FaultServer.acquire()
+        self._server.command(f"add {self._key} {self.capacity}", (self._uffd.fd, self._memfd))
+        self._added = True
 
     def _command(self, text: str) -> None:
-        assert self._control is not None
-        self._control.sendall(text.encode())
-        self._expect_ok(text)
-
-    def _expect_ok(self, what: str) -> None:
-        assert self._control is not None
-        try:
-            answer = self._control.recv(16)
-        except TimeoutError:
-            answer = b""
-        if answer != b"ok":
-            raise PyrovisorError(f"working-set sampler: the fault server did not answer {what!r}")
+        assert self._server is not None
+        self._server.command(f"{text.split()[0]} {self._key} {' '.join(text.split()[1:])}".strip())
 
     # --- one interval ---------------------------------------------------------------------------------
     def arm(self, count: int) -> float:
@@ -174,19 +218,14 @@ class PageSampler:
 
     @property
     def server_pid(self) -> int | None:
-        """The fault server's process id (it costs its own memory: count it with the VM's)."""
+        """The fault server's process id (one per VMM process, shared by every VM it samples)."""
         return self._server.pid if self._server is not None else None
 
     def server_cpu_seconds(self) -> float:
-        """CPU time the fault server has used so far (user + system), from /proc."""
-        if self._server is None:
+        """CPU time the fault server has spent on this VM's faults so far."""
+        if self._shared is None:
             return 0.0
-        try:
-            with open(f"/proc/{self._server.pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return int.from_bytes(self._shared[self._area.cpu_offset:self._area.cpu_offset + 8], "little") / 1e9
 
     def close(self) -> None:
         """Put everything back (if armed), stop the fault server, release the fds: the guest's memory is whole."""
@@ -194,14 +233,13 @@ class PageSampler:
             if self._armed and self._shared is not None:
                 self.disarm()
         finally:
-            if self._control is not None:
-                self._control.close()
             if self._server is not None:
                 try:
-                    self._server.wait(SERVER_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    self._server.kill()
-                    self._server.wait()
+                    if self._added:
+                        self._command("remove")
+                finally:
+                    self._server.release()
+                    self._server = None
             if self._shared is not None:
                 self._shared.close()
             if self._memfd >= 0:

@@ -7,6 +7,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyrovisor.errors import GuestMemoryError
 from pyrovisor.memory import GuestMemory
@@ -32,16 +33,15 @@ class QueueError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Buffer:
-    """One descriptor's buffer: guest-physical address and length, checked to lie in guest RAM."""
+class Buffer(NamedTuple):
+    """One descriptor's buffer: guest-physical address and length, checked to lie in guest RAM (a tuple: one
+    is made per descriptor, on the hot path)."""
 
     address: int
     length: int
 
 
-@dataclass(frozen=True)
-class DescriptorChain:
+class DescriptorChain(NamedTuple):
     """A request popped from the available ring: the buffers the device reads, then those it writes."""
 
     head: int
