@@ -4,7 +4,7 @@ each one's handler, so device work never runs on a vCPU thread."""
 from __future__ import annotations
 
 import logging
-import selectors
+import select
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,9 +54,9 @@ class EventLoop:
     def __init__(self, name: str = "io") -> None:
         self.name = name
         self.stats = LoopStats()
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll(8, select.EPOLL_CLOEXEC)
         self._wake = EventFd()
-        self._selector.register(self._wake.fd, selectors.EVENT_READ, None)
+        self._epoll.register(self._wake.fd, select.EPOLLIN)
         self._lock = threading.Lock()
         self._changes: list[tuple[tuple[str, _Source | int | Handler], threading.Event]] = []
         self._sources: dict[int, _Source] = {}
@@ -107,12 +107,12 @@ class EventLoop:
             try:
                 if kind == "add":
                     assert isinstance(value, _Source)
-                    self._selector.register(value.fd, selectors.EVENT_READ, value)
+                    self._epoll.register(value.fd, select.EPOLLIN)
                     self._sources[value.fd] = value
                 elif kind == "remove":
                     assert isinstance(value, int)
                     if self._sources.pop(value, None) is not None:
-                        self._selector.unregister(value)
+                        self._epoll.unregister(value)
                 else:
                     assert callable(value)
                     self._run(_Source("call", -1, value, None))
@@ -133,16 +133,17 @@ class EventLoop:
             self._wait_while_paused()
             if self._stop:
                 return
-            events = self._selector.select()
+            events = self._epoll.poll()
             self.stats.wakeups += 1
-            for key, _ in events:
-                if key.data is None:
+            sources, wake = self._sources, self._wake.fd
+            for fd, _ in events:
+                if fd == wake:
                     self._wake.drain()
                     continue
                 if self._pause_requests or self._stop:
                     break  # the rest stays readable: handled after the pause
-                source: _Source = key.data
-                if source.fd in self._sources:
+                source = sources.get(fd)
+                if source is not None:  # removed by an earlier handler of this round: skipped
                     self._run(source)
             self._apply_changes()
 
@@ -209,5 +210,5 @@ class EventLoop:
             thread.join(timeout)
             if thread.is_alive():
                 raise PyrovisorError(f"event loop {self.name} did not stop within {timeout} s")
-        self._selector.close()
+        self._epoll.close()
         self._wake.close()

@@ -159,6 +159,10 @@ class GuestMemory:
         Writes through it are not tracked: call `mark_written` for them. Release the view (or use it in
         a `with` block) before closing the memory.
         """
+        index = bisect.bisect_right(self._starts, gpa) - 1  # _locate's fast path, inlined: views are per request
+        if index >= 0 and size >= 0 and gpa + size <= self._ends[index]:
+            offset = gpa - self._starts[index]
+            return self._regions[index].view[offset:offset + size]
         region, offset = self._locate(gpa, size)
         return region.view[offset:offset + size]
 
@@ -234,7 +238,8 @@ class GuestMemory:
         """Record a write made through a `view()` (zero-copy device I/O)."""
         if self._inside_one(gpa, size) is None:
             self._checked(gpa, size)
-        self._record(gpa, size)
+        if self._write_log.active:
+            self._write_log.record(gpa, size)
 
     def _record(self, gpa: int, size: int) -> None:
         if self._write_log.active:

@@ -36,6 +36,8 @@ RX_HEADER = HEADER.pack(0, 0, 0, 0, 0, 0, 1)
 ETH_HEADER = 14
 MAX_FRAME = 65536  # a transmitted frame larger than this (no GSO is offered) is dropped
 RX_BUDGET = 256  # frames received per call before the loop serves its other sources
+RX_BATCH = 16  # receive buffers taken from the ring at once (those left unfilled are given back)
+TX_BATCH = 64  # transmit chains taken from the ring at once
 IOV_MAX = 1024
 
 # <linux/if_tun.h>
@@ -279,26 +281,26 @@ class VirtioNet(VirtioDevice):
 
     def _transmit(self, queue: SplitQueue) -> None:
         memory = queue.memory
-        done = False
-        for chain in queue.available_chains():
-            self._send(memory, chain)
-            queue.add_used(chain.head, 0)
-            done = True
-        if done:
+        while batch := queue.take(TX_BATCH):
+            for chain in batch:
+                self._send(memory, chain)
+                queue.add_used(chain.head, 0)
             self.publish(queue)
+            if len(batch) < TX_BATCH:  # the ring was seen empty with notifications asked for
+                return
 
     def _send(self, memory: GuestMemory, chain: DescriptorChain) -> None:
-        if chain.readable_length < HEADER.size:
-            raise QueueError(f"transmit chain of {chain.readable_length} bytes, shorter than the "
-                             f"{HEADER.size}-byte virtio-net header")
-        length = chain.readable_length - HEADER.size
+        readable = chain.readable
+        total = readable[0].length if len(readable) == 1 else chain.readable_length
+        if total < HEADER.size:
+            raise QueueError(f"transmit chain of {total} bytes, shorter than the {HEADER.size}-byte virtio-net header")
+        length = total - HEADER.size
         if length < ETH_HEADER or length > MAX_FRAME:
             self.stats.tx_dropped += 1
             return
         try:
-            if len(chain.readable) == 1:  # the usual chain: header and frame in one buffer
-                with memory.view(chain.readable[0].address + HEADER.size, length) as source:
-                    os.write(self.fd, source)
+            if len(readable) == 1:  # the usual chain: header and frame in one buffer (the view dies with the call)
+                os.write(self.fd, memory.view(readable[0].address + HEADER.size, length))
             else:
                 pieces = [buffer for buffer in _split(chain.readable, HEADER.size)[1] if buffer.length]
                 if len(pieces) > IOV_MAX:
@@ -318,29 +320,60 @@ class VirtioNet(VirtioDevice):
         memory = queue.memory
         self._watch(True)  # also what the RX doorbell does after a stall: buffers may have arrived
         delivered = frames = 0
-        stalled = True
+        stalled = False
+        fd, scratch, stats = self.fd, self._scratch, self.stats
         try:
-            for chain in queue.available_chains():
-                result = self._read_frame(memory, chain)
-                if result is None:  # nothing (more) to read: this buffer stays the driver's, unused
-                    queue.next_avail = (queue.next_avail - 1) & 0xFFFF
-                    stalled = False
-                    break
-                frames += 1
-                if result < 0:  # the frame did not fit and was dropped; the buffer waits for the next one
-                    queue.next_avail = (queue.next_avail - 1) & 0xFFFF
-                else:
-                    queue.add_used(chain.head, HEADER.size + result)
-                    delivered += 1
-                if frames >= RX_BUDGET:
-                    stalled = False  # still watched: level-triggered, so the loop comes back for the rest
+            while frames < RX_BUDGET:
+                batch = queue.take(RX_BATCH)
+                used = 0  # chains of the batch filled; a chain whose frame was dropped takes the next one
+                while used < len(batch) and frames < RX_BUDGET:
+                    chain = batch[used]
+                    buffers = chain.writable
+                    if len(buffers) == 1 and not chain.readable and buffers[0].length > HEADER.size:
+                        # The usual buffer, one descriptor: the frame is read behind the header, in place.
+                        address, length = buffers[0]
+                        capacity = length - HEADER.size
+                        target = memory.view(address, length)
+                        try:
+                            count = os.readv(fd, [target[HEADER.size:], scratch])
+                        except BlockingIOError:
+                            result = None
+                        except OSError as exc:
+                            self._tap_failure(exc)
+                            result = None
+                        else:
+                            if count > capacity:
+                                memory.mark_written(address + HEADER.size, capacity)
+                                stats.rx_dropped += 1
+                                result = -1
+                            else:
+                                target[:HEADER.size] = RX_HEADER
+                                memory.mark_written(address, HEADER.size + count)
+                                stats.rx_frames += 1
+                                stats.rx_bytes += count
+                                result = count
+                        target.release()
+                    else:
+                        result = self._read_frame(memory, chain)
+                    if result is None:  # nothing (more) to read
+                        break
+                    frames += 1
+                    if result >= 0:
+                        queue.add_used(chain.head, HEADER.size + result)
+                        delivered += 1
+                        used += 1
+                if used < len(batch):  # the tap ran dry (or the budget out): the rest stays the driver's
+                    queue.give_back(len(batch) - used)
+                    return  # still watched: level-triggered, so the loop comes back for what is left
+                if len(batch) < RX_BATCH:  # every buffer posted is used and the tap may hold more
+                    stalled = True
                     break
         finally:
             if delivered:
                 self.publish(queue)
         if stalled and self.fd >= 0 and self._watching:
             # Out of buffers with the tap perhaps still holding frames: stop watching until the driver posts
-            # more. available_chains() asked for that notification and looked once more, so none is missed.
+            # more. take() asked for that notification and looked once more, so none is missed.
             self.stats.rx_stalls += 1
             self._watch(False)
 
@@ -370,12 +403,8 @@ class VirtioNet(VirtioDevice):
                     count = os.readv(self.fd, [*targets, self._scratch])
         except BlockingIOError:
             return None
-        except OSError as exc:  # the tap is gone (EBADFD) or broken: stop receiving, keep the device
-            self.stats.tap_errors += 1
-            log.log(logging.WARNING if self.stats.tap_errors == 1 else logging.DEBUG,
-                    "%s: reading tap %s failed, receiving stops until the driver posts buffers: %s", self.name,
-                    self.options.tap, exc)
-            self._watch(False)
+        except OSError as exc:
+            self._tap_failure(exc)
             return None
         _mark(memory, pieces, min(count, capacity))
         if count > capacity:
@@ -391,6 +420,15 @@ class VirtioNet(VirtioDevice):
         self.stats.rx_frames += 1
         self.stats.rx_bytes += count
         return count
+
+
+    def _tap_failure(self, exc: OSError) -> None:
+        """A read from the tap failed (it is gone, EBADFD, or broken): stop receiving, keep the device."""
+        self.stats.tap_errors += 1
+        log.log(logging.WARNING if self.stats.tap_errors == 1 else logging.DEBUG,
+                "%s: reading tap %s failed, receiving stops until the driver posts buffers: %s", self.name,
+                self.options.tap, exc)
+        self._watch(False)
 
 
 def _mark(memory: GuestMemory, buffers: list[Buffer], count: int) -> None:

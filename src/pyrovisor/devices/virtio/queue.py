@@ -3,6 +3,7 @@ guest-supplied index, address and length checked, so a hostile driver can only b
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from collections.abc import Iterator
@@ -55,6 +56,12 @@ class DescriptorChain(NamedTuple):
     @property
     def writable_length(self) -> int:
         return sum(buffer.length for buffer in self.writable)
+
+
+# The named tuples' constructors without their Python-level __new__ (a function call less per request).
+_new_buffer = functools.partial(tuple.__new__, Buffer)
+_new_chain = functools.partial(tuple.__new__, DescriptorChain)
+_unpack_descriptor = DESCRIPTOR.unpack_from
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,14 @@ class SplitQueue:
     def _walk(self, head: int) -> DescriptorChain:
         if head >= self.size:
             raise QueueError(f"chain head {head} is outside the {self.size}-entry descriptor table")
+        direct = self._table
+        if direct is not None:  # the common request, one direct descriptor, in as few steps as possible
+            address, length, flags, _ = DESCRIPTOR.unpack_from(direct, head << 4)
+            if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):
+                if length and not self.memory.contains(address, length):
+                    raise QueueError(f"buffer at {address:#x} (+{length:#x}) is not in guest RAM")
+                buffer = (_new_buffer((address, length)),)
+                return _new_chain((head, (), buffer) if flags & DESC_F_WRITE else (head, buffer, ()))
         readable: list[Buffer] = []
         writable: list[Buffer] = []
         table, table_size, index = self.desc, self.size, head
@@ -281,6 +296,52 @@ class SplitQueue:
         if self.event_idx:
             self.memory.write_u16(self.used + 4 + USED_ELEMENT.size * self.size, self.next_avail)  # tracked
 
+    def take(self, limit: int) -> list[DescriptorChain]:
+        """Pop up to `limit` available chains at once (the hot devices' batch). A shorter list means the ring
+        was seen empty after the device asked to be notified again (as `available_chains` does), so nothing
+        made available meanwhile can wait for a notification that never comes."""
+        chains: list[DescriptorChain] = []
+        append = chains.append
+        while True:
+            count = min(self.pending(), limit - len(chains))
+            rings, table = self._avail16, self._table
+            if rings is None or table is None:
+                for _ in range(count):
+                    chain = self.pop()
+                    if chain is None:
+                        break
+                    append(chain)
+            else:  # _walk's fast path inlined: a function call less per request
+                size = self.size
+                mask, contains, position = size - 1, self.memory.contains, self.next_avail
+                try:
+                    for _ in range(count):
+                        head = rings[2 + (position & mask)]
+                        if head < size:
+                            address, length, flags, _ = _unpack_descriptor(table, head << 4)
+                            if not flags & (DESC_F_NEXT | DESC_F_INDIRECT) and (not length or contains(address, length)):
+                                buffer = (_new_buffer((address, length)),)
+                                append(_new_chain((head, (), buffer) if flags & DESC_F_WRITE else (head, buffer, ())))
+                                position = (position + 1) & 0xFFFF
+                                continue
+                        try:
+                            append(self._walk(head))  # a longer chain, or one to refuse with the reason
+                        except GuestMemoryError as exc:  # only an indirect table's read can get here
+                            raise QueueError(f"guest memory access failed: {exc}") from None
+                        position = (position + 1) & 0xFFFF
+                finally:
+                    self.next_avail = position
+            if len(chains) >= limit:
+                return chains
+            self.want_notifications()
+            memory_fence()
+            if not self.pending():
+                return chains
+
+    def give_back(self, count: int) -> None:
+        """Return the last `count` chains taken and not used: they are popped again next time, unchanged."""
+        self.next_avail = (self.next_avail - count) & 0xFFFF
+
     def available_chains(self) -> Iterator[DescriptorChain]:
         """Every chain the driver makes available until it has to notify again.
 
@@ -289,8 +350,21 @@ class SplitQueue:
         old request, never sends.
         """
         while True:
-            while (chain := self.pop()) is not None:
-                yield chain
+            rings = self._avail16
+            if rings is None:
+                while (chain := self.pop()) is not None:
+                    yield chain
+            else:  # pop() inlined: one pass per batch the driver made available
+                mask = self.size - 1
+                while available := self.pending():
+                    for _ in range(available):
+                        head = rings[2 + (self.next_avail & mask)]
+                        try:
+                            chain = self._walk(head)
+                        except GuestMemoryError as exc:  # only an indirect table's read can get here
+                            raise QueueError(f"guest memory access failed: {exc}") from None
+                        self.next_avail = (self.next_avail + 1) & 0xFFFF
+                        yield chain  # the consumer may step next_avail back (a chain it could not serve yet)
             self.want_notifications()
             memory_fence()
             if not self.pending():
