@@ -227,5 +227,44 @@ def test_chains_given_back_come_out_again(memory: GuestMemory) -> None:
     batch = device.take(4)
     assert [chain.head for chain in batch] == heads[:4]
     device.give_back(3)
+    avail_event = driver.used + 4 + 8 * SIZE
     assert [chain.head for chain in device.take(8)] == heads[1:]
-    assert memory.read_u16(driver.used + 4 + 8 * SIZE) == 5, "a short batch asked to be notified from here on"
+    assert memory.read_u16(avail_event) == 0, "a batch, even a short one, asks for no notification"
+    assert device.take(8) == []
+    assert memory.read_u16(avail_event) == 5, "an empty take asked to be notified from here on"
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(table=st.lists(FAST_PATH_DESCRIPTORS, min_size=SIZE, max_size=SIZE),
+       ring=st.lists(st.integers(0, SIZE + 1), min_size=SIZE, max_size=SIZE),
+       avail_index=st.integers(0, SIZE), limit=st.integers(1, SIZE + 2))
+def test_direct_batches_are_what_popping_gives_up_to_the_first_other_chain(
+        memory: GuestMemory, table: list[tuple[int, int, int, int]], ring: list[int], avail_index: int,
+        limit: int) -> None:
+    """take_direct() returns exactly the chains pop() gives while they are one direct descriptor in RAM, and
+    leaves the first chain of any other form (or a bad one) for pop()/take() to serve or refuse."""
+    driver, device = queue_pair(memory)
+    for index, descriptor in enumerate(table):
+        memory.write(driver.desc + 16 * index, struct.pack("<QIHH", *descriptor))
+    for index, head in enumerate(ring):
+        memory.write_u16(driver.avail + 4 + 2 * index, head)
+    memory.write_u16(driver.avail + 2, avail_index)
+    direct: list[tuple[int, int, int, int]] = []
+    while batch := device.take_direct(limit):
+        direct.extend(batch)
+    stopped_at = device.next_avail
+    assert stopped_at == len(direct)
+    device.next_avail = 0
+    for head, address, length, flags in direct:
+        chain = device.pop()
+        assert chain is not None and chain.head == head
+        buffer = Buffer(address, length)
+        assert (chain.readable, chain.writable) == (((), (buffer,)) if flags & DESC_F_WRITE else ((buffer,), ()))
+    if stopped_at == avail_index:
+        return
+    try:  # what stopped take_direct() is a chain of another form, or one pop() refuses
+        chain = device.pop()
+    except QueueError:
+        return
+    assert chain is not None
+    assert len(chain.readable) + len(chain.writable) != 1 or table[chain.head][2] & DESC_F_INDIRECT

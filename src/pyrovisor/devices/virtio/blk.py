@@ -104,12 +104,12 @@ class VirtioBlk(VirtioDevice):
     def process(self, queue_index: int) -> None:
         queue = self.queues[queue_index]
         memory = queue.memory
+        # Until a take finds the ring empty *after* the last batch was served: a polling driver has often
+        # queued its next request by then, and finds it served without a notification (an exit) of its own.
         while batch := queue.take(BATCH):
             for chain in batch:
                 queue.add_used(chain.head, self._serve(memory, chain))
             self.publish(queue)
-            if len(batch) < BATCH:  # the ring was seen empty with notifications asked for
-                return
 
     def _serve(self, memory: GuestMemory, chain: DescriptorChain) -> int:
         """Carry out one request; returns the bytes written into the chain (data and status)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from pyrovisor.devices.virtio.device import ID_NET, VirtioDevice
 from pyrovisor.devices.virtio.mmio import TransportState
-from pyrovisor.devices.virtio.queue import Buffer, DescriptorChain, QueueError, SplitQueue
+from pyrovisor.devices.virtio.queue import DESC_F_WRITE, Buffer, DescriptorChain, QueueError, SplitQueue
 from pyrovisor.errors import DeviceError, GuestMemoryError
 from pyrovisor.events.loop import EventLoop
 from pyrovisor.memory import GuestMemory
@@ -36,7 +36,7 @@ RX_HEADER = HEADER.pack(0, 0, 0, 0, 0, 0, 1)
 ETH_HEADER = 14
 MAX_FRAME = 65536  # a transmitted frame larger than this (no GSO is offered) is dropped
 RX_BUDGET = 256  # frames received per call before the loop serves its other sources
-RX_BATCH = 16  # receive buffers taken from the ring at once (those left unfilled are given back)
+RX_BATCH_FIRST, RX_BATCH_MAX = 4, 64  # receive buffers taken from the ring at once (unfilled ones are given back)
 TX_BATCH = 64  # transmit chains taken from the ring at once
 IOV_MAX = 1024
 
@@ -280,14 +280,39 @@ class VirtioNet(VirtioDevice):
             raise
 
     def _transmit(self, queue: SplitQueue) -> None:
-        memory = queue.memory
-        while batch := queue.take(TX_BATCH):
-            for chain in batch:
+        memory, fd, stats = queue.memory, self.fd, self.stats
+        while True:
+            direct = queue.take_direct(TX_BATCH)
+            sent = 0
+            for head, address, length, flags in direct:  # the usual chain: header and frame in one buffer
+                frame = length - HEADER.size
+                if flags & DESC_F_WRITE or not ETH_HEADER <= frame <= MAX_FRAME:
+                    break  # anything else goes the general way below (served, dropped or refused)
+                try:
+                    os.write(fd, memory.view(address + HEADER.size, frame))  # the view dies with the call
+                except OSError as exc:
+                    self._not_sent(frame, exc)
+                else:
+                    stats.tx_frames += 1
+                    stats.tx_bytes += frame
+                queue.add_used(head, 0)
+                sent += 1
+            general = sent < len(direct) or len(direct) < TX_BATCH
+            if sent < len(direct):
+                queue.give_back(len(direct) - sent)
+            chains = queue.take(1) if general else []  # an unusual chain, or nothing: the ring is empty
+            for chain in chains:
                 self._send(memory, chain)
                 queue.add_used(chain.head, 0)
-            self.publish(queue)
-            if len(batch) < TX_BATCH:  # the ring was seen empty with notifications asked for
+            if sent or chains:
+                self.publish(queue)
+            if general and not chains:
                 return
+
+    def _not_sent(self, length: int, exc: OSError) -> None:
+        """EIO while the tap is down, EBADFD once it is deleted: the frame is lost."""
+        self.stats.tx_dropped += 1
+        log.debug("%s: frame of %d bytes not sent: %s", self.name, length, exc)
 
     def _send(self, memory: GuestMemory, chain: DescriptorChain) -> None:
         readable = chain.readable
@@ -308,9 +333,8 @@ class VirtioNet(VirtioDevice):
                     return
                 with contextlib.ExitStack() as views:
                     os.writev(self.fd, [views.enter_context(memory.view(b.address, b.length)) for b in pieces])
-        except OSError as exc:  # EIO while the tap is down, EBADFD once it is deleted: the frame is lost
-            self.stats.tx_dropped += 1
-            log.debug("%s: frame of %d bytes not sent: %s", self.name, length, exc)
+        except OSError as exc:
+            self._not_sent(length, exc)
             return
         self.stats.tx_frames += 1
         self.stats.tx_bytes += length
@@ -321,53 +345,63 @@ class VirtioNet(VirtioDevice):
         self._watch(True)  # also what the RX doorbell does after a stall: buffers may have arrived
         delivered = frames = 0
         stalled = False
+        limit = RX_BATCH_FIRST  # buffers taken at once, doubled while the tap keeps up: few are given back
         fd, scratch, stats = self.fd, self._scratch, self.stats
         try:
             while frames < RX_BUDGET:
-                batch = queue.take(RX_BATCH)
-                used = 0  # chains of the batch filled; a chain whose frame was dropped takes the next one
-                while used < len(batch) and frames < RX_BUDGET:
-                    chain = batch[used]
-                    buffers = chain.writable
-                    if len(buffers) == 1 and not chain.readable and buffers[0].length > HEADER.size:
-                        # The usual buffer, one descriptor: the frame is read behind the header, in place.
-                        address, length = buffers[0]
-                        capacity = length - HEADER.size
-                        target = memory.view(address, length)
-                        try:
-                            count = os.readv(fd, [target[HEADER.size:], scratch])
-                        except BlockingIOError:
-                            result = None
-                        except OSError as exc:
-                            self._tap_failure(exc)
-                            result = None
-                        else:
-                            if count > capacity:
-                                memory.mark_written(address + HEADER.size, capacity)
-                                stats.rx_dropped += 1
-                                result = -1
-                            else:
-                                target[:HEADER.size] = RX_HEADER
-                                memory.mark_written(address, HEADER.size + count)
-                                stats.rx_frames += 1
-                                stats.rx_bytes += count
-                                result = count
+                direct = queue.take_direct(limit)
+                used = 0  # buffers of the batch filled; a buffer whose frame was dropped takes the next one
+                dry = False
+                while used < len(direct) and frames < RX_BUDGET:
+                    head, address, length, flags = direct[used]
+                    if not flags & DESC_F_WRITE or length <= HEADER.size:
+                        break  # anything but the usual buffer goes the general way below
+                    # The usual buffer, one descriptor: the frame is read behind the header, in place.
+                    target = memory.view(address, length)
+                    try:
+                        count = os.readv(fd, [target[HEADER.size:], scratch])
+                    except OSError as exc:
                         target.release()
-                    else:
-                        result = self._read_frame(memory, chain)
-                    if result is None:  # nothing (more) to read
+                        if not isinstance(exc, BlockingIOError):
+                            self._tap_failure(exc)
+                        dry = True
                         break
                     frames += 1
-                    if result >= 0:
-                        queue.add_used(chain.head, HEADER.size + result)
-                        delivered += 1
-                        used += 1
-                if used < len(batch):  # the tap ran dry (or the budget out): the rest stays the driver's
-                    queue.give_back(len(batch) - used)
+                    if count > length - HEADER.size:
+                        target.release()
+                        memory.mark_written(address + HEADER.size, length - HEADER.size)
+                        stats.rx_dropped += 1
+                        continue
+                    target[:HEADER.size] = RX_HEADER
+                    target.release()
+                    memory.mark_written(address, HEADER.size + count)
+                    stats.rx_frames += 1
+                    stats.rx_bytes += count
+                    queue.add_used(head, HEADER.size + count)
+                    delivered += 1
+                    used += 1
+                if used < len(direct):
+                    queue.give_back(len(direct) - used)
+                if dry or frames >= RX_BUDGET:
                     return  # still watched: level-triggered, so the loop comes back for what is left
-                if len(batch) < RX_BATCH:  # every buffer posted is used and the tap may hold more
-                    stalled = True
+                if used == len(direct) == limit:
+                    limit = min(2 * limit, RX_BATCH_MAX)
+                    continue
+                # An unusual buffer is next, or the ring is empty (with notifications asked for).
+                chains = queue.take(1)
+                if not chains:
+                    stalled = True  # every buffer posted is used and the tap may hold more
                     break
+                result = self._read_frame(memory, chains[0])
+                if result is None or result < 0:  # nothing to read / dropped: the buffer stays the driver's
+                    queue.give_back(1)
+                    if result is None:
+                        return
+                    frames += 1
+                else:
+                    queue.add_used(chains[0].head, HEADER.size + result)
+                    delivered += 1
+                    frames += 1
         finally:
             if delivered:
                 self.publish(queue)

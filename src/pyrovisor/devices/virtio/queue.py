@@ -297,9 +297,11 @@ class SplitQueue:
             self.memory.write_u16(self.used + 4 + USED_ELEMENT.size * self.size, self.next_avail)  # tracked
 
     def take(self, limit: int) -> list[DescriptorChain]:
-        """Pop up to `limit` available chains at once (the hot devices' batch). A shorter list means the ring
-        was seen empty after the device asked to be notified again (as `available_chains` does), so nothing
-        made available meanwhile can wait for a notification that never comes."""
+        """Pop up to `limit` available chains at once (the hot devices' batch). Only an empty list means the
+        ring is empty: then the device has asked to be notified again and looked once more (as
+        `available_chains` does), so nothing made available meanwhile waits for a notification that never
+        comes. Devices take until they get an empty list: asking for notifications only then, after serving,
+        spares a polling driver that queues while the device works the notification (an exit) for it."""
         chains: list[DescriptorChain] = []
         append = chains.append
         while True:
@@ -331,12 +333,38 @@ class SplitQueue:
                         position = (position + 1) & 0xFFFF
                 finally:
                     self.next_avail = position
-            if len(chains) >= limit:
+            if chains:
                 return chains
             self.want_notifications()
             memory_fence()
             if not self.pending():
                 return chains
+
+    def take_direct(self, limit: int) -> list[tuple[int, int, int, int]]:
+        """The hot path of devices whose requests are one buffer (a frame, a datagram): `(head, address, length,
+        flags)` of up to `limit` available chains that are one direct descriptor, the buffer checked to lie in
+        RAM, one small tuple each. It stops, without popping it, before a chain of any other form (`take()`
+        serves that one, and refuses it if it breaks a rule). A list shorter than `limit` means the ring holds
+        nothing more now or such a chain is next: `take()` tells which, and asks for notifications if empty."""
+        items: list[tuple[int, int, int, int]] = []
+        append = items.append
+        rings, table = self._avail16, self._table
+        if rings is None or table is None:
+            return items
+        size = self.size
+        mask, contains = size - 1, self.memory.contains
+        position = self.next_avail
+        for _ in range(min(self.pending(), limit)):
+            head = rings[2 + (position & mask)]
+            if head >= size:
+                break
+            address, length, flags, _ = _unpack_descriptor(table, head << 4)
+            if flags & (DESC_F_NEXT | DESC_F_INDIRECT) or (length and not contains(address, length)):
+                break
+            append((head, address, length, flags))
+            position = (position + 1) & 0xFFFF
+        self.next_avail = position
+        return items
 
     def give_back(self, count: int) -> None:
         """Return the last `count` chains taken and not used: they are popped again next time, unchanged."""
