@@ -223,14 +223,14 @@ def test_statistics_arrive_with_the_guests_figures(guests: list[Guest]) -> None:
     deadline = time.monotonic() + 15
     while True:
         stats = guest.stats()
-        if stats["stat-total-memory"] == total:
+        # A report can be sent before counter has faulted its first page in (a loaded host starts it late).
+        if stats["stat-total-memory"] == total and stats["stat-minor-faults"] >= 1:  # counter's own faults
             break
         assert time.monotonic() < deadline, stats
         time.sleep(0.2)
     assert 150 * MiB < stats["stat-free-memory"] < total
     assert stats["stat-available-memory"] == stats["stat-free-memory"]  # no cache
     assert stats["stat-disk-caches"] == 0
-    assert stats["stat-minor-faults"] >= 1  # counter's own
     assert stats["stat-major-faults"] == stats["stat-swap-in"] == stats["stat-swap-out"] == 0
     assert stats["stat-htlb-pgfail"] == 0
 

@@ -268,3 +268,39 @@ def test_direct_batches_are_what_popping_gives_up_to_the_first_other_chain(
         return
     assert chain is not None
     assert len(chain.readable) + len(chain.writable) != 1 or table[chain.head][2] & DESC_F_INDIRECT
+
+
+@settings(max_examples=300, deadline=None)
+@given(address=st.one_of(st.integers(0, 0x90000), st.sampled_from([0, 0xFFFF, 0x10000, 0x3FFFF, 0x40000, 0x5FFFF,
+                                                                   0x60000, 0x7FFFF, 0x80000])),
+       length=st.one_of(st.integers(0, 0x30000), st.sampled_from([0, 1, 0x10000, 0x20000])),
+       flags=st.sampled_from([0, DESC_F_WRITE]))
+def test_buffers_are_checked_against_ram_with_holes_and_nothing_at_zero(address: int, length: int, flags: int) -> None:
+    """RAM at [0x10000, 0x40000) and [0x60000, 0x80000): every way of taking a one-buffer chain accepts it
+    exactly when it lies in one region (or is empty), as GuestMemory.contains says."""
+    memory = GuestMemory([MemoryRegion.anonymous(0x10000, 0x30000, huge_pages=False),
+                          MemoryRegion.anonymous(0x60000, 0x20000, huge_pages=False)])
+    try:
+        driver = DriverQueue(memory, 0x20000, 4)
+        state = QueueState(size=4, ready=True, desc=driver.desc, avail=driver.avail, used=driver.used)
+        accepted = length == 0 or memory.contains(address, length)
+        for way in ("pop", "take", "take_direct"):
+            device = SplitQueue(memory, 256, state)
+            device.activate()
+            driver.write_descriptor(driver.desc, 0, address, length, flags, 0)
+            memory.write_u16(driver.avail + 4, 0)
+            memory.write_u16(driver.avail + 2, 1)
+            try:
+                if way == "pop":
+                    got = device.pop() is not None
+                elif way == "take":
+                    got = len(device.take(4)) == 1
+                else:
+                    got = len(device.take_direct(4)) == 1
+            except QueueError as exc:
+                assert "not in guest RAM" in exc.reason
+                got = False
+            assert got == accepted, (way, hex(address), hex(length))
+            device.release()
+    finally:
+        memory.close()

@@ -48,6 +48,7 @@ class GuestMemory:
                 raise ConfigError("guest memory", (before, after), "regions overlap")
         self._starts = [region.gpa for region in self._regions]
         self._ends = [region.end for region in self._regions]
+        self._bounds = (tuple(self._starts), tuple(self._ends))
         self._write_log = HostWriteLog(self._regions)
 
     # --- layout -------------------------------------------------------------------------------
@@ -64,6 +65,12 @@ class GuestMemory:
     def end(self) -> int:
         """One past the highest guest physical address backed by RAM."""
         return self._regions[-1].end
+
+    @property
+    def bounds(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The regions' sorted start and end addresses: for hot paths that check many ranges inline, as
+        `contains` does (the last start at or below an address, then its end)."""
+        return self._bounds
 
     def contains(self, gpa: int, size: int = 1) -> bool:
         index = bisect.bisect_right(self._starts, gpa) - 1
@@ -120,10 +127,10 @@ class GuestMemory:
 
     # --- byte access --------------------------------------------------------------------------
     def read(self, gpa: int, size: int) -> bytes:
-        inside = self._inside_one(gpa, size)
-        if inside is not None:
-            region, offset = inside
-            return bytes(region.view[offset:offset + size])
+        index = bisect.bisect_right(self._starts, gpa) - 1  # _inside_one, inlined: reads are per request
+        if index >= 0 and size >= 0 and gpa + size <= self._ends[index]:
+            offset = gpa - self._starts[index]
+            return bytes(self._regions[index].view[offset:offset + size])
         pieces = [bytes(region.view[offset:offset + length]) for region, offset, length in self._checked(gpa, size)]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -185,6 +192,12 @@ class GuestMemory:
         return int(self._unpack(_U64, gpa))
 
     def write_u8(self, gpa: int, value: int) -> None:
+        index = bisect.bisect_right(self._starts, gpa) - 1  # a byte store is one store: no ctypes needed
+        if index >= 0 and gpa < self._ends[index] and value.__class__ is int and 0 <= value <= 0xFF:
+            self._regions[index].view[gpa - self._starts[index]] = value
+            if self._write_log.active:
+                self._write_log.record(gpa, 1)
+            return
         self._pack(_U8, gpa, value)
 
     def write_u16(self, gpa: int, value: int) -> None:
@@ -236,7 +249,8 @@ class GuestMemory:
 
     def mark_written(self, gpa: int, size: int) -> None:
         """Record a write made through a `view()` (zero-copy device I/O)."""
-        if self._inside_one(gpa, size) is None:
+        index = bisect.bisect_right(self._starts, gpa) - 1  # _inside_one, inlined: marks are per request
+        if index < 0 or size < 0 or gpa + size > self._ends[index]:
             self._checked(gpa, size)
         if self._write_log.active:
             self._write_log.record(gpa, size)

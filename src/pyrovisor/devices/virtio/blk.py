@@ -28,6 +28,7 @@ QUEUE_SIZE = 256
 SEG_MAX = QUEUE_SIZE - 2  # data buffers in one request: the header and the status take two descriptors
 MAX_REQUEST_BYTES = 64 << 20  # a larger request is refused with IOERR rather than tying up the I/O thread
 BATCH = 64  # requests taken from the ring at once
+_unpack_header = HEADER.unpack
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,33 @@ class VirtioBlk(VirtioDevice):
 
     def _serve(self, memory: GuestMemory, chain: DescriptorChain) -> int:
         """Carry out one request; returns the bytes written into the chain (data and status)."""
+        _, readable, writable = chain
+        if len(writable) + len(readable) == 3 and writable[-1].length == 1 and readable[0].length == HEADER.size:
+            # The usual read or write: header, one data buffer, status byte, each in a descriptor of its own.
+            kind, _, sector = _unpack_header(memory.read(readable[0].address, HEADER.size))
+            address, length = writable[0] if kind == T_IN else readable[-1]
+            usual = len(writable) == 2 if kind == T_IN else (
+                kind == T_OUT and len(readable) == 2 and not self.options.read_only)
+            if usual and not length % SECTOR and length <= MAX_REQUEST_BYTES and sector + length // SECTOR <= self.capacity:
+                try:
+                    if kind == T_IN:
+                        done = os.preadv(self.fd, [memory.view(address, length)], sector * SECTOR)
+                        memory.mark_written(address, length)
+                    else:
+                        done = os.pwrite(self.fd, memory.view(address, length), sector * SECTOR)
+                except OSError:
+                    done = -1
+                if done == length:
+                    stats = self.stats
+                    if kind == T_IN:
+                        stats.reads += 1
+                        stats.bytes_read += length
+                    else:
+                        stats.writes += 1
+                        stats.bytes_written += length
+                    memory.write_u8(writable[-1].address, S_OK)
+                    return length + 1 if kind == T_IN else 1
+            # Anything else, or a failure, is served (and counted) the general way: the request is idempotent.
         if not chain.writable or chain.writable[-1].length < 1:
             raise QueueError("block request without a status byte")
         status_buffer = chain.writable[-1]

@@ -283,7 +283,8 @@ class VirtioNet(VirtioDevice):
         memory, fd, stats = queue.memory, self.fd, self.stats
         while True:
             direct = queue.take_direct(TX_BATCH)
-            sent = 0
+            finished: list[tuple[int, int]] = []
+            frames = sent_bytes = 0
             for head, address, length, flags in direct:  # the usual chain: header and frame in one buffer
                 frame = length - HEADER.size
                 if flags & DESC_F_WRITE or not ETH_HEADER <= frame <= MAX_FRAME:
@@ -293,10 +294,14 @@ class VirtioNet(VirtioDevice):
                 except OSError as exc:
                     self._not_sent(frame, exc)
                 else:
-                    stats.tx_frames += 1
-                    stats.tx_bytes += frame
-                queue.add_used(head, 0)
-                sent += 1
+                    frames += 1
+                    sent_bytes += frame
+                finished.append((head, 0))
+            stats.tx_frames += frames
+            stats.tx_bytes += sent_bytes
+            sent = len(finished)
+            if sent:
+                queue.add_used_many(finished)
             general = sent < len(direct) or len(direct) < TX_BATCH
             if sent < len(direct):
                 queue.give_back(len(direct) - sent)
@@ -343,16 +348,16 @@ class VirtioNet(VirtioDevice):
         """Read frames into posted buffers until the tap is empty, the buffers run out or the budget is spent."""
         memory = queue.memory
         self._watch(True)  # also what the RX doorbell does after a stall: buffers may have arrived
-        delivered = frames = 0
+        delivered = frames = received = 0
         stalled = False
         limit = RX_BATCH_FIRST  # buffers taken at once, doubled while the tap keeps up: few are given back
         fd, scratch, stats = self.fd, self._scratch, self.stats
         try:
             while frames < RX_BUDGET:
                 direct = queue.take_direct(limit)
-                used = 0  # buffers of the batch filled; a buffer whose frame was dropped takes the next one
+                finished: list[tuple[int, int]] = []  # filled; a buffer whose frame was dropped takes the next one
                 dry = False
-                while used < len(direct) and frames < RX_BUDGET:
+                while (used := len(finished)) < len(direct) and frames < RX_BUDGET:
                     head, address, length, flags = direct[used]
                     if not flags & DESC_F_WRITE or length <= HEADER.size:
                         break  # anything but the usual buffer goes the general way below
@@ -375,11 +380,15 @@ class VirtioNet(VirtioDevice):
                     target[:HEADER.size] = RX_HEADER
                     target.release()
                     memory.mark_written(address, HEADER.size + count)
-                    stats.rx_frames += 1
-                    stats.rx_bytes += count
-                    queue.add_used(head, HEADER.size + count)
-                    delivered += 1
-                    used += 1
+                    received += count
+                    finished.append((head, HEADER.size + count))
+                used = len(finished)
+                if used:
+                    queue.add_used_many(finished)
+                    delivered += used
+                    stats.rx_frames += used
+                    stats.rx_bytes += received
+                    received = 0
                 if used < len(direct):
                     queue.give_back(len(direct) - used)
                 if dry or frames >= RX_BUDGET:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import struct
 import threading
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -113,6 +114,11 @@ class SplitQueue:
             raise ValueError(f"queue size {max_size} is not a power of two up to {MAX_QUEUE_SIZE}")
         self.memory = memory
         self.max_size = max_size
+        # The RAM check of every buffer, inlined on the hot path: a buffer lies in RAM when it ends at or before
+        # the end of the last region starting at or below it. A first, empty region at 0 catches addresses
+        # below the real first one (descriptor addresses and lengths are unsigned).
+        starts, ends = memory.bounds
+        self._starts, self._ends = (0, *starts), (0, *ends)
         # Views of the three rings while the queue is active (checked to lie in RAM): indexing a memoryview
         # cast to 16 or 32 bits is one load or store of that width, and avoids a bounds check per access.
         self._table: memoryview | None = None
@@ -202,28 +208,24 @@ class SplitQueue:
         if direct is not None:  # the common request, one direct descriptor, in as few steps as possible
             address, length, flags, _ = DESCRIPTOR.unpack_from(direct, head << 4)
             if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):
-                if length and not self.memory.contains(address, length):
+                if length and address + length > self._ends[bisect_right(self._starts, address) - 1]:
                     raise QueueError(f"buffer at {address:#x} (+{length:#x}) is not in guest RAM")
                 buffer = (_new_buffer((address, length)),)
                 return _new_chain((head, (), buffer) if flags & DESC_F_WRITE else (head, buffer, ()))
         readable: list[Buffer] = []
         writable: list[Buffer] = []
+        starts, ends, unpack = self._starts, self._ends, _unpack_descriptor
         table, table_size, index = self.desc, self.size, head
+        # Where the descriptors are read from: the table's view, or (a queue not activated) a copy of it.
+        source: memoryview | bytes = direct if direct is not None else self.memory.read(table, DESCRIPTOR.size * table_size)
         indirect = False
-        indirect_table = b""
         total = 0
         seen = 0
         while True:
             seen += 1
             if seen > table_size:
                 raise QueueError(f"descriptor chain from {head} loops or is longer than its table ({table_size})")
-            if indirect:
-                address, length, flags, following = DESCRIPTOR.unpack_from(indirect_table, DESCRIPTOR.size * index)
-            elif self._table is not None:
-                address, length, flags, following = DESCRIPTOR.unpack_from(self._table, DESCRIPTOR.size * index)
-            else:
-                address, length, flags, following = DESCRIPTOR.unpack(
-                    self.memory.read(table + DESCRIPTOR.size * index, DESCRIPTOR.size))
+            address, length, flags, following = unpack(source, index << 4)
             if flags & DESC_F_INDIRECT:
                 if indirect:
                     raise QueueError("an indirect table points to another indirect table")
@@ -237,21 +239,21 @@ class SplitQueue:
                 if address % 16 or not self.memory.contains(address, length):
                     raise QueueError(f"indirect table at {address:#x} (+{length:#x}) is not aligned in guest RAM")
                 table, table_size, index, indirect, seen = address, length // DESCRIPTOR.size, 0, True, 0
-                indirect_table = self.memory.read(address, length)  # read once, walked from this copy
+                source = self.memory.read(address, length)  # read once, walked from this copy
                 continue
-            if not self.memory.contains(address, length) and length:
+            if length and address + length > ends[bisect_right(starts, address) - 1]:
                 raise QueueError(f"buffer at {address:#x} (+{length:#x}) is not in guest RAM")
             total += length
             if total > MAX_CHAIN_BYTES:
                 raise QueueError(f"descriptor chain from {head} holds more than {MAX_CHAIN_BYTES} bytes")
             if flags & DESC_F_WRITE:
-                writable.append(Buffer(address, length))
+                writable.append(_new_buffer((address, length)))
             elif writable:
                 raise QueueError("a device-readable buffer follows a device-writable one")
             else:
-                readable.append(Buffer(address, length))
+                readable.append(_new_buffer((address, length)))
             if not flags & DESC_F_NEXT:
-                return DescriptorChain(head, tuple(readable), tuple(writable))
+                return _new_chain((head, tuple(readable), tuple(writable)))
             if following >= table_size:
                 raise QueueError(f"descriptor {index} chains to {following}, outside its {table_size}-entry table")
             index = following
@@ -269,6 +271,23 @@ class SplitQueue:
         used32[1 + 2 * slot] = head
         used32[2 + 2 * slot] = written
         used16[1] = self.next_used  # after the element: the driver reads it next
+        self._published = True
+
+    def add_used_many(self, finished: list[tuple[int, int]]) -> None:
+        """`add_used` for a batch of (head, bytes written): the elements first, then the index once."""
+        used32, used16 = self._used32, self._used16
+        if used32 is None or used16 is None:
+            for head, written in finished:
+                self.add_used(head, written)
+            return
+        mask, position = self.size - 1, self.next_used
+        for head, written in finished:
+            slot = 2 * (position & mask)
+            used32[1 + slot] = head
+            used32[2 + slot] = written
+            position = (position + 1) & 0xFFFF
+        self.next_used = position
+        used16[1] = position  # after the elements: the driver reads it next
         self._published = True
 
     def report_writes(self) -> None:
@@ -315,13 +334,14 @@ class SplitQueue:
                     append(chain)
             else:  # _walk's fast path inlined: a function call less per request
                 size = self.size
-                mask, contains, position = size - 1, self.memory.contains, self.next_avail
+                mask, starts, ends, position = size - 1, self._starts, self._ends, self.next_avail
                 try:
                     for _ in range(count):
                         head = rings[2 + (position & mask)]
                         if head < size:
                             address, length, flags, _ = _unpack_descriptor(table, head << 4)
-                            if not flags & (DESC_F_NEXT | DESC_F_INDIRECT) and (not length or contains(address, length)):
+                            if not flags & (DESC_F_NEXT | DESC_F_INDIRECT) and (
+                                    not length or address + length <= ends[bisect_right(starts, address) - 1]):
                                 buffer = (_new_buffer((address, length)),)
                                 append(_new_chain((head, (), buffer) if flags & DESC_F_WRITE else (head, buffer, ())))
                                 position = (position + 1) & 0xFFFF
@@ -352,14 +372,15 @@ class SplitQueue:
         if rings is None or table is None:
             return items
         size = self.size
-        mask, contains = size - 1, self.memory.contains
+        mask, starts, ends = size - 1, self._starts, self._ends
         position = self.next_avail
         for _ in range(min(self.pending(), limit)):
             head = rings[2 + (position & mask)]
             if head >= size:
                 break
             address, length, flags, _ = _unpack_descriptor(table, head << 4)
-            if flags & (DESC_F_NEXT | DESC_F_INDIRECT) or (length and not contains(address, length)):
+            if flags & (DESC_F_NEXT | DESC_F_INDIRECT) or (
+                    length and address + length > ends[bisect_right(starts, address) - 1]):
                 break
             append((head, address, length, flags))
             position = (position + 1) & 0xFFFF
