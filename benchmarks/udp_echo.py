@@ -177,7 +177,7 @@ def run_one(vmm: str, wait: str, size: int, count: int, window: int) -> Result:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--datagrams", type=int, default=20000, help="datagrams sent per measurement")
+    parser.add_argument("--datagrams", type=int, default=200000, help="datagrams sent per measurement")
     parser.add_argument("--window", type=int, default=16, help="datagrams in flight at most")
     parser.add_argument("--sizes", default="64,1400", help="UDP payload sizes in bytes (at most 1472)")
     parser.add_argument("--waits", default="poll,irq", help="the guest driver's wait modes")

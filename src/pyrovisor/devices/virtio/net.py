@@ -355,11 +355,10 @@ class VirtioNet(VirtioDevice):
         try:
             while frames < RX_BUDGET:
                 direct = queue.take_direct(limit)
-                finished: list[tuple[int, int]] = []  # filled; a buffer whose frame was dropped takes the next one
+                finished: list[tuple[int, int]] = []  # the buffers filled, in order
                 dry = False
-                while (used := len(finished)) < len(direct) and frames < RX_BUDGET:
-                    head, address, length, flags = direct[used]
-                    if not flags & DESC_F_WRITE or length <= HEADER.size:
+                for head, address, length, flags in direct:
+                    if not flags & DESC_F_WRITE or length <= HEADER.size or frames >= RX_BUDGET:
                         break  # anything but the usual buffer goes the general way below
                     # The usual buffer, one descriptor: the frame is read behind the header, in place.
                     target = memory.view(address, length)
@@ -372,11 +371,11 @@ class VirtioNet(VirtioDevice):
                         dry = True
                         break
                     frames += 1
-                    if count > length - HEADER.size:
+                    if count > length - HEADER.size:  # dropped; the general way gives this buffer the next frame
                         target.release()
                         memory.mark_written(address + HEADER.size, length - HEADER.size)
                         stats.rx_dropped += 1
-                        continue
+                        break
                     target[:HEADER.size] = RX_HEADER
                     target.release()
                     memory.mark_written(address, HEADER.size + count)

@@ -17,6 +17,7 @@ from pyrovisor.memory import GuestMemory
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
+_NOT_ALONE = DESC_F_NEXT | DESC_F_INDIRECT  # a descriptor that is not a whole request by itself
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 
@@ -207,7 +208,7 @@ class SplitQueue:
         direct = self._table
         if direct is not None:  # the common request, one direct descriptor, in as few steps as possible
             address, length, flags, _ = DESCRIPTOR.unpack_from(direct, head << 4)
-            if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):
+            if not flags & _NOT_ALONE:
                 if length and address + length > self._ends[bisect_right(self._starts, address) - 1]:
                     raise QueueError(f"buffer at {address:#x} (+{length:#x}) is not in guest RAM")
                 buffer = (_new_buffer((address, length)),)
@@ -340,7 +341,7 @@ class SplitQueue:
                         head = rings[2 + (position & mask)]
                         if head < size:
                             address, length, flags, _ = _unpack_descriptor(table, head << 4)
-                            if not flags & (DESC_F_NEXT | DESC_F_INDIRECT) and (
+                            if not flags & _NOT_ALONE and (
                                     not length or address + length <= ends[bisect_right(starts, address) - 1]):
                                 buffer = (_new_buffer((address, length)),)
                                 append(_new_chain((head, (), buffer) if flags & DESC_F_WRITE else (head, buffer, ())))
@@ -379,12 +380,12 @@ class SplitQueue:
             if head >= size:
                 break
             address, length, flags, _ = _unpack_descriptor(table, head << 4)
-            if flags & (DESC_F_NEXT | DESC_F_INDIRECT) or (
+            if flags & _NOT_ALONE or (
                     length and address + length > ends[bisect_right(starts, address) - 1]):
                 break
             append((head, address, length, flags))
-            position = (position + 1) & 0xFFFF
-        self.next_avail = position
+            position += 1
+        self.next_avail = position & 0xFFFF
         return items
 
     def give_back(self, count: int) -> None:
