@@ -72,6 +72,12 @@ class GuestMemory:
         `contains` does (the last start at or below an address, then its end)."""
         return self._bounds
 
+    def region_views(self) -> tuple[memoryview, ...]:
+        """Each region's memoryview, in the order of `bounds`: for hot paths that check a range against `bounds`
+        and slice the view themselves. Writes through a slice are not tracked (`mark_written`), and a slice pins
+        the mapping: drop it before the memory is closed."""
+        return tuple(region.view for region in self._regions)
+
     def contains(self, gpa: int, size: int = 1) -> bool:
         index = bisect.bisect_right(self._starts, gpa) - 1
         return index >= 0 and gpa + size <= self._ends[index] and size >= 0

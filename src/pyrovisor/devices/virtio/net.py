@@ -39,6 +39,7 @@ RX_BUDGET = 256  # frames received per call before the loop serves its other sou
 RX_BATCH_FIRST, RX_BATCH_MAX = 4, 64  # receive buffers taken from the ring at once (unfilled ones are given back)
 TX_BATCH = 64  # transmit chains taken from the ring at once
 IOV_MAX = 1024
+_NO_BUFFER = memoryview(b"")
 
 # <linux/if_tun.h>
 TUN_PATH = "/dev/net/tun"
@@ -283,28 +284,32 @@ class VirtioNet(VirtioDevice):
         memory, fd, stats = queue.memory, self.fd, self.stats
         while True:
             direct = queue.take_direct(TX_BATCH)
-            finished: list[tuple[int, int]] = []
+            finished: list[int] = []  # head, bytes written, head...
             frames = sent_bytes = 0
-            for head, address, length, flags in direct:  # the usual chain: header and frame in one buffer
-                frame = length - HEADER.size
+            buffer = _NO_BUFFER
+            for head, _, buffer, flags in direct:  # the usual chain: header and frame in one buffer
+                frame = len(buffer) - HEADER.size
                 if flags & DESC_F_WRITE or not ETH_HEADER <= frame <= MAX_FRAME:
                     break  # anything else goes the general way below (served, dropped or refused)
                 try:
-                    os.write(fd, memory.view(address + HEADER.size, frame))  # the view dies with the call
+                    os.write(fd, buffer[HEADER.size:])
                 except OSError as exc:
                     self._not_sent(frame, exc)
                 else:
                     frames += 1
                     sent_bytes += frame
-                finished.append((head, 0))
+                finished += (head, 0)
+            taken = len(direct)
+            direct.clear()  # the views of guest memory go now: a kept traceback must not keep the mapping alive
+            buffer = _NO_BUFFER
             stats.tx_frames += frames
             stats.tx_bytes += sent_bytes
-            sent = len(finished)
+            sent = len(finished) // 2
             if sent:
                 queue.add_used_many(finished)
-            general = sent < len(direct) or len(direct) < TX_BATCH
-            if sent < len(direct):
-                queue.give_back(len(direct) - sent)
+            general = sent < taken or taken < TX_BATCH
+            if sent < taken:
+                queue.give_back(taken - sent)
             chains = queue.take(1) if general else []  # an unusual chain, or nothing: the ring is empty
             for chain in chains:
                 self._send(memory, chain)
@@ -317,7 +322,7 @@ class VirtioNet(VirtioDevice):
     def _not_sent(self, length: int, exc: OSError) -> None:
         """EIO while the tap is down, EBADFD once it is deleted: the frame is lost."""
         self.stats.tx_dropped += 1
-        log.debug("%s: frame of %d bytes not sent: %s", self.name, length, exc)
+        log.debug("%s: frame of %d bytes not sent: %s", self.name, length, str(exc))  # the text: see _tap_failure
 
     def _send(self, memory: GuestMemory, chain: DescriptorChain) -> None:
         readable = chain.readable
@@ -355,44 +360,45 @@ class VirtioNet(VirtioDevice):
         try:
             while frames < RX_BUDGET:
                 direct = queue.take_direct(limit)
-                finished: list[tuple[int, int]] = []  # the buffers filled, in order
+                finished: list[int] = []  # the buffers filled, in order: head, bytes written, head...
                 dry = False
-                for head, address, length, flags in direct:
-                    if not flags & DESC_F_WRITE or length <= HEADER.size or frames >= RX_BUDGET:
+                buffer = _NO_BUFFER
+                for head, address, buffer, flags in direct:
+                    capacity = len(buffer) - HEADER.size
+                    if not flags & DESC_F_WRITE or capacity <= 0 or frames >= RX_BUDGET:
                         break  # anything but the usual buffer goes the general way below
                     # The usual buffer, one descriptor: the frame is read behind the header, in place.
-                    target = memory.view(address, length)
                     try:
-                        count = os.readv(fd, [target[HEADER.size:], scratch])
+                        count = os.readv(fd, [buffer[HEADER.size:], scratch])
                     except OSError as exc:
-                        target.release()
                         if not isinstance(exc, BlockingIOError):
                             self._tap_failure(exc)
                         dry = True
                         break
                     frames += 1
-                    if count > length - HEADER.size:  # dropped; the general way gives this buffer the next frame
-                        target.release()
-                        memory.mark_written(address + HEADER.size, length - HEADER.size)
+                    if count > capacity:  # dropped; the general way gives this buffer the next frame
+                        memory.mark_written(address + HEADER.size, capacity)
                         stats.rx_dropped += 1
                         break
-                    target[:HEADER.size] = RX_HEADER
-                    target.release()
+                    buffer[:HEADER.size] = RX_HEADER
                     memory.mark_written(address, HEADER.size + count)
                     received += count
-                    finished.append((head, HEADER.size + count))
-                used = len(finished)
+                    finished += (head, HEADER.size + count)
+                taken = len(direct)
+                direct.clear()  # the views of guest memory go now: a kept traceback must not keep the mapping alive
+                buffer = _NO_BUFFER
+                used = len(finished) // 2
                 if used:
                     queue.add_used_many(finished)
                     delivered += used
                     stats.rx_frames += used
                     stats.rx_bytes += received
                     received = 0
-                if used < len(direct):
-                    queue.give_back(len(direct) - used)
+                if used < taken:
+                    queue.give_back(taken - used)
                 if dry or frames >= RX_BUDGET:
                     return  # still watched: level-triggered, so the loop comes back for what is left
-                if used == len(direct) == limit:
+                if used == taken == limit:
                     limit = min(2 * limit, RX_BATCH_MAX)
                     continue
                 # An unusual buffer is next, or the ring is empty (with notifications asked for).
@@ -465,11 +471,12 @@ class VirtioNet(VirtioDevice):
 
 
     def _tap_failure(self, exc: OSError) -> None:
-        """A read from the tap failed (it is gone, EBADFD, or broken): stop receiving, keep the device."""
+        """A read from the tap failed (it is gone, EBADFD, or broken): stop receiving, keep the device. Only the
+        text is logged: a kept exception would keep the caller's views of guest memory (and the mapping) alive."""
         self.stats.tap_errors += 1
         log.log(logging.WARNING if self.stats.tap_errors == 1 else logging.DEBUG,
                 "%s: reading tap %s failed, receiving stops until the driver posts buffers: %s", self.name,
-                self.options.tap, exc)
+                self.options.tap, str(exc))
         self._watch(False)
 
 

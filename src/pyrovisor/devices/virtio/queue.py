@@ -3,6 +3,7 @@ guest-supplied index, address and length checked, so a hostile driver can only b
 
 from __future__ import annotations
 
+import array
 import functools
 import struct
 import threading
@@ -18,6 +19,7 @@ DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 _NOT_ALONE = DESC_F_NEXT | DESC_F_INDIRECT  # a descriptor that is not a whole request by itself
+_NOTHING = memoryview(b"")
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 
@@ -120,6 +122,7 @@ class SplitQueue:
         # below the real first one (descriptor addresses and lengths are unsigned).
         starts, ends = memory.bounds
         self._starts, self._ends = (0, *starts), (0, *ends)
+        self._views = (_NOTHING, *memory.region_views())  # take_direct() slices these
         # Views of the three rings while the queue is active (checked to lie in RAM): indexing a memoryview
         # cast to 16 or 32 bits is one load or store of that width, and avoids a bounds check per access.
         self._table: memoryview | None = None
@@ -274,19 +277,22 @@ class SplitQueue:
         used16[1] = self.next_used  # after the element: the driver reads it next
         self._published = True
 
-    def add_used_many(self, finished: list[tuple[int, int]]) -> None:
-        """`add_used` for a batch of (head, bytes written): the elements first, then the index once."""
+    def add_used_many(self, finished: list[int]) -> None:
+        """`add_used` for a batch, given flat: head, bytes written, head, bytes written... The elements go in with
+        one copy (the driver reads none before the index, which is stored once, after them)."""
         used32, used16 = self._used32, self._used16
+        count = len(finished) // 2
         if used32 is None or used16 is None:
-            for head, written in finished:
-                self.add_used(head, written)
+            for index in range(count):
+                self.add_used(finished[2 * index], finished[2 * index + 1])
             return
-        mask, position = self.size - 1, self.next_used
-        for head, written in finished:
-            slot = 2 * (position & mask)
-            used32[1 + slot] = head
-            used32[2 + slot] = written
-            position = (position + 1) & 0xFFFF
+        size, position = self.size, self.next_used
+        slot = position & (size - 1)
+        first = min(count, size - slot)  # the ring wraps after this many
+        used32[1 + 2 * slot:1 + 2 * (slot + first)] = array.array("I", finished[:2 * first])
+        if first < count:
+            used32[1:1 + 2 * (count - first)] = array.array("I", finished[2 * first:])
+        position = (position + count) & 0xFFFF
         self.next_used = position
         used16[1] = position  # after the elements: the driver reads it next
         self._published = True
@@ -361,29 +367,35 @@ class SplitQueue:
             if not self.pending():
                 return chains
 
-    def take_direct(self, limit: int) -> list[tuple[int, int, int, int]]:
-        """The hot path of devices whose requests are one buffer (a frame, a datagram): `(head, address, length,
-        flags)` of up to `limit` available chains that are one direct descriptor, the buffer checked to lie in
-        RAM, one small tuple each. It stops, without popping it, before a chain of any other form (`take()`
-        serves that one, and refuses it if it breaks a rule). A list shorter than `limit` means the ring holds
-        nothing more now or such a chain is next: `take()` tells which, and asks for notifications if empty."""
-        items: list[tuple[int, int, int, int]] = []
+    def take_direct(self, limit: int) -> list[tuple[int, int, memoryview, int]]:
+        """The hot path of devices whose requests are one buffer (a frame, a datagram): `(head, address, buffer,
+        flags)` of up to `limit` available chains that are one direct descriptor, `buffer` a memoryview of the
+        guest memory at `address` (checked to lie in RAM; writes through it are the device's to `mark_written`,
+        and it must not be kept beyond the request). It stops, without popping it, before a chain of any other
+        form (`take()` serves that one, and refuses it if it breaks a rule). A list shorter than `limit` means
+        the ring holds nothing more now or such a chain is next: `take()` tells which, and asks for
+        notifications if empty."""
+        items: list[tuple[int, int, memoryview, int]] = []
         append = items.append
         rings, table = self._avail16, self._table
         if rings is None or table is None:
             return items
         size = self.size
-        mask, starts, ends = size - 1, self._starts, self._ends
+        mask, starts, ends, views = size - 1, self._starts, self._ends, self._views
         position = self.next_avail
         for _ in range(min(self.pending(), limit)):
             head = rings[2 + (position & mask)]
             if head >= size:
                 break
             address, length, flags, _ = _unpack_descriptor(table, head << 4)
-            if flags & _NOT_ALONE or (
-                    length and address + length > ends[bisect_right(starts, address) - 1]):
+            if flags & _NOT_ALONE:
                 break
-            append((head, address, length, flags))
+            region = bisect_right(starts, address) - 1
+            end = address + length
+            if length and end > ends[region]:
+                break
+            start = starts[region]
+            append((head, address, views[region][address - start:end - start] if length else _NOTHING, flags))
             position += 1
         self.next_avail = position & 0xFFFF
         return items
