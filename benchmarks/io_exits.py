@@ -458,8 +458,24 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def _steal_ticks() -> int:
+    """CPU time the hypervisor gave to others while this VM wanted it (`steal` of /proc/stat, in clock ticks)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) if len(fields) > 8 else 0
+
+
+_last_steal = (time.monotonic(), _steal_ticks())
+
+
 def load_average() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    """The load averages, and the share of CPU time stolen by the hypervisor since the previous call (on a
+    shared cloud host, the figures move with it)."""
+    global _last_steal
+    now, ticks = time.monotonic(), _steal_ticks()
+    then, before = _last_steal
+    _last_steal = (now, ticks)
+    share = (ticks - before) / os.sysconf("SC_CLK_TCK") / max(now - then, 1e-6) / (os.cpu_count() or 1)
+    return " ".join(f"{value:.2f}" for value in os.getloadavg()) + f" (steal {share:.0%})"
 
 
 def median(results: list[ModeResult], value: Callable[[ModeResult], float]) -> float:

@@ -31,6 +31,9 @@ from pathlib import Path
 
 from pyrovisor.catalog import guests_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from io_exits import load_average  # a sibling script, not a package
+
 QEMU = "qemu-system-x86_64"
 SUBNET = "10.231.53"
 GUEST, HOST = f"{SUBNET}.2", f"{SUBNET}.1"
@@ -108,8 +111,6 @@ def host_description() -> list[str]:
     return lines
 
 
-def load() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def vmm_command(vmm: str, wait: str, count: int) -> list[str]:
@@ -199,7 +200,7 @@ def main() -> int:
         print("sizes must be 1 to 1472 bytes (one Ethernet frame)", file=sys.stderr)
         return 1
     print("\n".join(host_description()))
-    print(f"load average at start: {load()}")
+    print(f"load average at start: {load_average()}")
     print(f"{args.datagrams} datagrams per measurement, at most {args.window} in flight; "
           "MB/s = echoed payload bytes per second / 10^6")
     results = []
@@ -211,9 +212,9 @@ def main() -> int:
                     results.append(result)
                     print(f"round {round_number + 1}: {vmm:9} wait={wait:4} size={size:5}: {result.rate:9.0f} "
                           f"datagrams/s {result.megabytes:7.2f} MB/s, {result.echoed}/{result.sent} echoed, "
-                          f"{result.lost} lost, {result.bad} corrupt, load {load()}", flush=True)
+                          f"{result.lost} lost, {result.bad} corrupt, load {load_average()}", flush=True)
                     print(f"    guest: {result.guest}", flush=True)
-    print(f"load average at end: {load()}")
+    print(f"load average at end: {load_average()}")
     return 0 if all(result.bad == 0 for result in results) else 1
 
 
