@@ -313,8 +313,14 @@ def test_hostile_chains_break_only_the_device(namespace: str, memory: GuestMemor
         card.tx.add_chain([(TX_AT, 8)], [])
         card.doorbell(1)
         assert "shorter than the 12-byte virtio-net header" in card.broken
+    with nic(namespace, memory, loop, tap="pvnet2") as card:  # one device-writable descriptor to transmit
+        card.activate()
+        card.tx.add_chain([], [(TX_AT, 200)])
+        card.doorbell(1)
+        assert "shorter than the 12-byte virtio-net header" in card.broken
     for hostile, message in (([], [(RX_BUFFERS, 8)]), "receive buffer of 8 bytes"), \
-                            (([(RX_BUFFERS, 64)], [(RX_BUFFERS + 64, 2000)]), "device-readable"):
+                            (([(RX_BUFFERS, 64)], [(RX_BUFFERS + 64, 2000)]), "device-readable"), \
+                            (([(RX_BUFFERS, 2000)], []), "device-readable"):
         with nic(namespace, memory, loop, tap="pvnet1") as card, host_socket(namespace, card.tap) as host:
             card.activate()
             card.rx.add_chain(*hostile)

@@ -115,7 +115,8 @@ class VirtioBlk(VirtioDevice):
     def _serve(self, memory: GuestMemory, chain: DescriptorChain) -> int:
         """Carry out one request; returns the bytes written into the chain (data and status)."""
         _, readable, writable = chain
-        if len(writable) + len(readable) == 3 and writable[-1].length == 1 and readable[0].length == HEADER.size:
+        if (len(writable) + len(readable) == 3 and readable and writable and writable[-1].length == 1
+                and readable[0].length == HEADER.size):
             # The usual read or write: header, one data buffer, status byte, each in a descriptor of its own.
             kind, _, sector = _unpack_header(memory.read(readable[0].address, HEADER.size))
             address, length = writable[0] if kind == T_IN else readable[-1]
