@@ -1,4 +1,4 @@
-"""The host's memory policy without KVM: shares, the idle memory tax (against hand-computed cases and the lab's model),
+"""The host's memory policy without KVM: shares, the idle memory tax (against hand-computed cases),
 floors, growth, the budget, guests that ignore their balloon, and the host's configuration parser."""
 
 from __future__ import annotations
@@ -15,18 +15,14 @@ from pyrovisor.host.config import DEFAULT_MIN, load_host_config, parse_host_conf
 from pyrovisor.host.policy import (
     GRANULE,
     BalloonWatch,
-    Claim,
     GuestStats,
     PolicySettings,
     VmInput,
-    adjusted_ratio,
     change_order,
     decide,
-    idle_page_cost,
     share_cut,
-    tax_allocations,
 )
-from pyrovisor.lab import balloon as lab
+from pyrovisor.idle_tax import Client, adjusted_ratio, idle_page_cost, target_allocations
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -44,29 +40,28 @@ def test_idle_page_cost_and_ratio_match_the_paper() -> None:
     # S = 1000, P = 100: all active -> 10 per page; 10 % active at tau = 75 % -> 1000 / (100 (0.1 + 4 * 0.9))
     assert adjusted_ratio(1000, 100, 1.0, 0.75) == pytest.approx(10.0)
     assert adjusted_ratio(1000, 100, 0.1, 0.75) == pytest.approx(1000 / 370)
-    assert adjusted_ratio(1000, 100, 0.1, 0.75) == pytest.approx(lab.adjusted_ratio(1000, 100, 0.1, 0.75))
     with pytest.raises(ConfigError):
         idle_page_cost(1.0)
 
 
 def test_without_tax_memory_is_split_by_shares() -> None:
-    claims = [Claim(1000, 10, 0, 1000), Claim(3000, 10, 0, 1000)]
-    assert tax_allocations(claims, 400, 0.0) == pytest.approx([100, 300], rel=1e-6)
+    claims = [Client(1000, 10, 0, 1000), Client(3000, 10, 0, 1000)]
+    assert target_allocations(claims, 400, 0.0) == pytest.approx([100, 300], rel=1e-6)
 
 
 def test_the_tax_takes_idle_memory_hand_computed() -> None:
     """Two 256 MB VMs with equal shares in 360 MB, working sets 16 and 250 MB, tau = 75 % (k = 4). Equal costs:
     16 + 4 (a1 - 16) = 250 + 4 (a2 - 250) gives a1 = a2 - 175.5, so a2 = 267.75 > 256: the busy VM gets all of its
     256 MB and the idle one the remaining 104 MB (at tau = 0 both would get 180)."""
-    claims = [Claim(1000, 16, 0, 256), Claim(1000, 250, 0, 256)]
-    assert tax_allocations(claims, 360, 0.75) == pytest.approx([104, 256], rel=1e-6)
-    assert tax_allocations(claims, 360, 0.0) == pytest.approx([180, 180], rel=1e-6)
+    claims = [Client(1000, 16, 0, 256), Client(1000, 250, 0, 256)]
+    assert target_allocations(claims, 360, 0.75) == pytest.approx([104, 256], rel=1e-6)
+    assert target_allocations(claims, 360, 0.0) == pytest.approx([180, 180], rel=1e-6)
 
 
 def test_everyone_gets_the_maximum_when_it_fits_and_the_minimum_when_nothing_else_does() -> None:
-    claims = [Claim(1, 1, 10, 50), Claim(1, 1, 20, 60)]
-    assert tax_allocations(claims, 200, 0.75) == [50, 60]
-    assert tax_allocations(claims, 25, 0.75) == [10, 20]
+    claims = [Client(1, 1, 10, 50), Client(1, 1, 20, 60)]
+    assert target_allocations(claims, 200, 0.75) == [50, 60]
+    assert target_allocations(claims, 25, 0.75) == [10, 20]
 
 
 claim_lists = st.lists(st.tuples(st.floats(1, 5000), st.floats(0, 1000), st.floats(0, 200), st.floats(0, 1000)),
@@ -75,13 +70,12 @@ claim_lists = st.lists(st.tuples(st.floats(1, 5000), st.floats(0, 1000), st.floa
 
 @settings(max_examples=300, deadline=None)
 @given(claim_lists, st.floats(1, 8000), st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9]))
-def test_the_allocator_is_the_labs(raw: list[tuple[float, float, float, float]], memory: float, tax: float) -> None:
-    """Reimplemented here (the VMM does not import the lab): the same allocations for any clients and memory."""
-    claims = [Claim(shares, active, low, low + extra) for shares, active, low, extra in raw]
-    clients = [lab.Client(c.shares, c.active, c.minimum, c.maximum) for c in claims]
-    ours = tax_allocations(claims, memory, tax)
-    theirs = lab.target_allocations(clients, memory, tax)
-    assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-6)
+def test_allocations_stay_within_their_bounds_and_the_memory(raw: list[tuple[float, float, float, float]],
+                                                            memory: float, tax: float) -> None:
+    """The allocator the policy uses (`pyrovisor.idle_tax`, the lab's too), for any clients and memory."""
+    claims = [Client(shares, active, low, low + extra) for shares, active, low, extra in raw]
+    ours = target_allocations(claims, memory, tax)
+    assert all(c.minimum - 1e-6 <= a <= c.maximum + 1e-6 for c, a in zip(claims, ours, strict=True))
     if sum(c.minimum for c in claims) <= memory:
         assert sum(ours) <= memory + 1e-6
 
@@ -105,8 +99,8 @@ def test_floors_are_working_set_plus_margin_and_idle_memory_goes_to_the_busy() -
     assert sum(allocations.values()) <= 1000 * MiB
     assert allocations["busy"] > allocations["idle"] >= 60 * MiB
     assert all(amount % GRANULE == 0 for amount in allocations.values())
-    # what the lab's allocator gives for the same clients (MiB), rounded down to 2 MiB
-    expected = lab.target_allocations([lab.Client(1000, 40, 60, 1024), lab.Client(1000, 400, 456, 1024)], 1000, 0.75)
+    # what the allocator gives for the same clients (MiB), rounded down to 2 MiB
+    expected = target_allocations([Client(1000, 40, 60, 1024), Client(1000, 400, 456, 1024)], 1000, 0.75)
     assert [allocations["idle"] / MiB, allocations["busy"] / MiB] == [2 * math.floor(x / 2) for x in expected]
     assert decision.balloon_pages(vms[0]) == (GiB - allocations["idle"]) // 4096
 

@@ -8,10 +8,10 @@ M_i - a_i.
 1. Floors. f_i = clamp(W_i (1 + margin_fraction) + margin, m_i, M_i): no VM is ballooned below what it uses plus a
    margin. If the floors do not fit in A (working sets outgrew the budget), they are cut by shares
    (f_i = clamp(L S_i, m_i, desired f_i) with L chosen so that they fill A) and the decision says `pressure`.
-2. Idle memory tax (Waldspurger, OSDI 2002, §5.2; as `pyrovisor.lab.balloon` computes it): with k = 1 / (1 - tau),
+2. Idle memory tax (Waldspurger, OSDI 2002, §5.2; `pyrovisor.idle_tax`, which the lab's model uses too): with k = 1 / (1 - tau),
    a VM holding P pages of which W are active costs W + k (P - W) and pays rho = S / cost per page. Memory is
    allocated so that rho is equal for all VMs, each between its floor and M_i, using all of A (bisection on rho,
-   `tax_allocations`). Idle pages cost k times as much, so they are what is reclaimed first.
+   `pyrovisor.idle_tax.target_allocations`). Idle pages cost k times as much, so they are what is reclaimed first.
 3. Allocations are rounded down to 2 MiB (so their sum stays within A) and a change smaller than `min_move` is
    not made when keeping the old value still fits (no balloon churn).
 
@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pyrovisor.errors import ConfigError
+from pyrovisor.idle_tax import Client, target_allocations
 
 MiB = 1 << 20
 GRANULE = 2 * MiB
@@ -111,55 +112,6 @@ class Decision:
         return max(0, vm.configured - self.allocations[vm.vm_id]) // PAGE_SIZE
 
 
-# --- the idle memory tax -------------------------------------------------------------------------------------------
-def idle_page_cost(tax: float) -> float:
-    """k = 1 / (1 - tau): how many active pages one idle page costs."""
-    if not (math.isfinite(tax) and 0.0 <= tax < 1.0):
-        raise ConfigError("tax", tax, "a rate in [0, 1)")
-    return 1.0 / (1.0 - tax)
-
-
-def adjusted_ratio(shares: float, pages: float, active_fraction: float, tax: float) -> float:
-    """rho = S / (P (f + k (1 - f))): shares per page, idle pages charged k times."""
-    k = idle_page_cost(tax)
-    return shares / (pages * (active_fraction + k * (1.0 - active_fraction)))
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One VM for the allocator (any unit): shares, active memory, and bounds on its allocation."""
-
-    shares: float
-    active: float
-    minimum: float
-    maximum: float
-
-
-def _allocation_at(claim: Claim, rho: float, k: float) -> float:
-    cost = claim.shares / rho  # the cost whose ratio is rho: active pages count 1, idle ones k
-    amount = cost if cost <= claim.active else claim.active + (cost - claim.active) / k
-    return min(max(amount, claim.minimum), claim.maximum)
-
-
-def tax_allocations(claims: Sequence[Claim], memory: float, tax: float) -> list[float]:
-    """Allocations with one adjusted ratio rho for all (bounds permitting) that use `memory`: where repeated
-    min-funding revocation (take from the lowest rho) ends. Everyone gets its maximum when that fits, its minimum
-    when not even that fits."""
-    k = idle_page_cost(tax)
-    if sum(c.maximum for c in claims) <= memory:
-        return [c.maximum for c in claims]
-    if sum(c.minimum for c in claims) >= memory:
-        return [c.minimum for c in claims]
-    low, high = 1e-12, 1e12  # the total falls as rho rises
-    for _ in range(200):
-        rho = math.sqrt(low * high)
-        if sum(_allocation_at(c, rho, k) for c in claims) > memory:
-            low = rho
-        else:
-            high = rho
-    return [_allocation_at(c, high, k) for c in claims]
-
-
 def share_cut(desired: Sequence[float], minimum: Sequence[float], shares: Sequence[float],
               memory: float) -> list[float]:
     """clamp(L S_i, minimum_i, desired_i) with the level L that fills `memory` (water-filling by shares); the
@@ -234,9 +186,9 @@ def decide(vms: Sequence[VmInput], available: int, settings: PolicySettings,
         notes.append(f"working sets plus margins ({sum(desired) / MiB:.0f} MiB) exceed the memory for guests "
                      f"({available / MiB:.0f} MiB): floors cut by shares")
     to_mib = 1.0 / MiB
-    claims = [Claim(share, working[vm.vm_id] * to_mib, floor * to_mib, high * to_mib)
+    claims = [Client(share, working[vm.vm_id] * to_mib, floor * to_mib, high * to_mib)
               for vm, share, floor, high in zip(vms, shares, floors, maximum, strict=True)]
-    amounts = tax_allocations(claims, available * to_mib, settings.tax)
+    amounts = target_allocations(claims, available * to_mib, settings.tax)
     allocations = {vm.vm_id: _round_down(max(amount * MiB, floor), vm.configured)
                    for vm, amount, floor in zip(vms, amounts, floors, strict=True)}
     floors_by_id = {vm.vm_id: _round_down(floor, vm.configured) for vm, floor in zip(vms, floors, strict=True)}

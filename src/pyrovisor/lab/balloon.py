@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pyrovisor.errors import ConfigError
+from pyrovisor.idle_tax import Client, adjusted_ratio, idle_page_cost, target_allocations
 from pyrovisor.lab.model import LabResult, Table
 
 if TYPE_CHECKING:
@@ -53,55 +54,8 @@ SAMPLE_PAGES = 100
 SAMPLE_PERIOD_S = 30
 
 
-def idle_page_cost(tax: float) -> float:
-    """k = 1 / (1 - tau): how many active pages one idle page costs."""
-    if not 0.0 <= tax < 1.0:
-        raise ConfigError("--tax", tax, "the tax rate must be in [0, 1)")
-    return 1.0 / (1.0 - tax)
-
-
-def adjusted_ratio(shares: float, pages: float, active_fraction: float, tax: float) -> float:
-    """rho = S / (P (f + k (1 - f)))."""
-    k = idle_page_cost(tax)
-    return shares / (pages * (active_fraction + k * (1.0 - active_fraction)))
-
-
-@dataclass(frozen=True)
-class Client:
-    """One VM as the allocator sees it: shares, active pages, and bounds on its allocation (MB or pages)."""
-
-    shares: float
-    active: float
-    minimum: float = 0.0
-    maximum: float = math.inf
-
-
 def _cost(pages: float, active: float, k: float) -> float:
     return min(pages, active) + k * max(0.0, pages - active)
-
-
-def _allocation_at(client: Client, rho: float, k: float) -> float:
-    """The allocation whose adjusted ratio is rho (cost = S / rho), within the client's bounds."""
-    cost = client.shares / rho
-    pages = cost if cost <= client.active else client.active + (cost - client.active) / k
-    return min(max(pages, client.minimum), client.maximum)
-
-
-def target_allocations(clients: Sequence[Client], memory: float, tax: float) -> list[float]:
-    """Allocations with equal adjusted shares-per-page ratios (bounds permitting) that use `memory`."""
-    k = idle_page_cost(tax)
-    if sum(c.maximum for c in clients) <= memory:
-        return [c.maximum for c in clients]
-    if sum(c.minimum for c in clients) >= memory:
-        return [c.minimum for c in clients]
-    low, high = 1e-12, 1e12  # bracket on rho; the total falls as rho rises
-    for _ in range(200):
-        rho = math.sqrt(low * high)
-        if sum(_allocation_at(c, rho, k) for c in clients) > memory:
-            low = rho
-        else:
-            high = rho
-    return [_allocation_at(c, high, k) for c in clients]
 
 
 def revoke_until_stable(clients: Sequence[Client], start: Sequence[float], tax: float, chunk: float) -> list[float]:
