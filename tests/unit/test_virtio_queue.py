@@ -46,6 +46,19 @@ def queue_pair(memory: GuestMemory, size: int = SIZE, event_idx: bool = False,
     return driver, device
 
 
+def write_rings(memory: GuestMemory, driver: DriverQueue, table: list[tuple[int, int, int, int]],
+                indirect: list[tuple[int, int, int, int]], ring: list[int], avail_index: int) -> None:
+    """Raw rings as a (hostile) driver may leave them: the descriptor table, an indirect table at 0x40000, the
+    available ring and its index."""
+    for index, descriptor in enumerate(table):
+        memory.write(driver.desc + 16 * index, struct.pack("<QIHH", *descriptor))
+    for index, descriptor in enumerate(indirect):
+        memory.write(0x40000 + 16 * index, struct.pack("<QIHH", *descriptor))
+    for index, head in enumerate(ring):
+        memory.write_u16(driver.avail + 4 + 2 * index, head)
+    memory.write_u16(driver.avail + 2, avail_index)
+
+
 def test_chains_come_out_as_the_driver_put_them_in(memory: GuestMemory) -> None:
     driver, device = queue_pair(memory)
     head = driver.add_chain([(0x20000, 16)], [(0x21000, 512), (0x22000, 1)])
@@ -146,13 +159,7 @@ def test_random_rings_are_served_or_refused(memory: GuestMemory, table: list[tup
                                             indirect: list[tuple[int, int, int, int]], ring: list[int],
                                             avail_index: int, event_idx: bool) -> None:
     driver, device = queue_pair(memory, event_idx=event_idx)
-    for index, descriptor in enumerate(table):
-        memory.write(driver.desc + 16 * index, struct.pack("<QIHH", *descriptor))
-    for index, descriptor in enumerate(indirect):
-        memory.write(0x40000 + 16 * index, struct.pack("<QIHH", *descriptor))
-    for index, head in enumerate(ring):
-        memory.write_u16(driver.avail + 4 + 2 * index, head)
-    memory.write_u16(driver.avail + 2, avail_index)
+    write_rings(memory, driver, table, indirect, ring, avail_index)
     served = 0
     try:
         while (chain := device.pop()) is not None:
@@ -185,13 +192,7 @@ def test_taking_a_batch_serves_and_refuses_exactly_as_popping(memory: GuestMemor
     """take() (the hot devices' batch, with its own fast path) gives the chains pop() gives, in order, and
     breaks the queue on the same chain with the same reason."""
     driver, device = queue_pair(memory)
-    for index, descriptor in enumerate(table):
-        memory.write(driver.desc + 16 * index, struct.pack("<QIHH", *descriptor))
-    for index, descriptor in enumerate(indirect):
-        memory.write(0x40000 + 16 * index, struct.pack("<QIHH", *descriptor))
-    for index, head in enumerate(ring):
-        memory.write_u16(driver.avail + 4 + 2 * index, head)
-    memory.write_u16(driver.avail + 2, avail_index)
+    write_rings(memory, driver, table, indirect, ring, avail_index)
 
     def outcome(collect: Callable[[list[DescriptorChain]], None]) -> tuple[list[DescriptorChain], str | None]:
         chains: list[DescriptorChain] = []
@@ -244,11 +245,7 @@ def test_direct_batches_are_what_popping_gives_up_to_the_first_other_chain(
     """take_direct() returns exactly the chains pop() gives while they are one direct descriptor in RAM, and
     leaves the first chain of any other form (or a bad one) for pop()/take() to serve or refuse."""
     driver, device = queue_pair(memory)
-    for index, descriptor in enumerate(table):
-        memory.write(driver.desc + 16 * index, struct.pack("<QIHH", *descriptor))
-    for index, head in enumerate(ring):
-        memory.write_u16(driver.avail + 4 + 2 * index, head)
-    memory.write_u16(driver.avail + 2, avail_index)
+    write_rings(memory, driver, table, [], ring, avail_index)
     direct: list[tuple[int, int, int, int]] = []
 
     def take_batch() -> bool:  # the views die with this call: guest memory can be closed afterwards
