@@ -329,37 +329,12 @@ class SplitQueue:
         comes. Devices take until they get an empty list: asking for notifications only then, after serving,
         spares a polling driver that queues while the device works the notification (an exit) for it."""
         chains: list[DescriptorChain] = []
-        append = chains.append
         while True:
-            count = min(self.pending(), limit - len(chains))
-            rings, table = self._avail16, self._table
-            if rings is None or table is None:
-                for _ in range(count):
-                    chain = self.pop()
-                    if chain is None:
-                        break
-                    append(chain)
-            else:  # _walk's fast path inlined: a function call less per request
-                size = self.size
-                mask, starts, ends, position = size - 1, self._starts, self._ends, self.next_avail
-                try:
-                    for _ in range(count):
-                        head = rings[2 + (position & mask)]
-                        if head < size:
-                            address, length, flags, _ = _unpack_descriptor(table, head << 4)
-                            if not flags & _NOT_ALONE and (
-                                    not length or address + length <= ends[bisect_right(starts, address) - 1]):
-                                buffer = (_new_buffer((address, length)),)
-                                append(_new_chain((head, (), buffer) if flags & DESC_F_WRITE else (head, buffer, ())))
-                                position = (position + 1) & 0xFFFF
-                                continue
-                        try:
-                            append(self._walk(head))  # a longer chain, or one to refuse with the reason
-                        except GuestMemoryError as exc:  # only an indirect table's read can get here
-                            raise QueueError(f"guest memory access failed: {exc}") from None
-                        position = (position + 1) & 0xFFFF
-                finally:
-                    self.next_avail = position
+            for _ in range(min(self.pending(), limit)):
+                chain = self.pop()
+                if chain is None:
+                    break
+                chains.append(chain)
             if chains:
                 return chains
             self.want_notifications()
