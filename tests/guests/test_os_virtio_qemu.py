@@ -15,13 +15,13 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from vhost_user_vsock import SERVICE_PORT, VsockBackend
 
+import watched_process
 from pyrovisor.catalog import guests_dir
 
 QEMU = "qemu-system-x86_64"
@@ -246,26 +246,7 @@ def test_command_line_words_are_taken_out_wherever_they_are(tmp_path: Path) -> N
 
 def run_qemu_watching(command: Sequence[str], on_line: Callable[[str], None], timeout: float = 60) -> tuple[int, str]:
     """Runs QEMU, calling on_line for each console line as it comes; (guest exit code, console)."""
-    qemu = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            text=True)
-    output: list[str] = []
-
-    def read() -> None:
-        assert qemu.stdout is not None
-        for line in qemu.stdout:
-            output.append(line)
-            on_line(line)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        code = qemu.wait(timeout=timeout)
-    finally:
-        if qemu.poll() is None:
-            qemu.kill()
-            qemu.wait()
-        reader.join(5)
-    console = "".join(output)
+    code, console = watched_process.run_watching(command, on_line, timeout)
     assert code & 1, f"QEMU did not stop through the debug-exit port:\n{console}"
     return code >> 1, console
 

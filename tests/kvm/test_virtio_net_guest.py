@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 from netns import netns_unavailable
 
+import watched_process
 from pyrovisor.devices.virtio.net import default_mac
 
 pytestmark = pytest.mark.kvm
@@ -104,26 +104,7 @@ def pyrovisor(namespace: str, *flags: str) -> list[str]:
 
 def run_watching(command: Sequence[str], on_line: Callable[[str], None], timeout: float = 90) -> tuple[int, str]:
     """Run pyrovisor, calling on_line for each console line as it comes; (exit code, console and errors)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               text=True)
-    output: list[str] = []
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            output.append(line)
-            on_line(line)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        code = process.wait(timeout=timeout)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        reader.join(10)
-    return code, "".join(output)
+    return watched_process.run_watching(command, on_line, timeout)
 
 
 @pytest.mark.parametrize(("wait", "mac"), [("poll", ""), ("irq", "52:54:00:12:34:56")])
