@@ -276,6 +276,15 @@ def recv_exactly(sock: socket.socket, count: int) -> bytes:
 
 
 # --- guest → host ---------------------------------------------------------------------------------------------
+
+def connected(rig: Rig, guest_port: int, host_port: int) -> tuple[socket.socket, socket.socket]:
+    """The guest connects from `guest_port` to a host listener on `host_port`: (the listener, the accepted socket)."""
+    listener = server(Path(f"{rig.uds}_{host_port}"))
+    rig.driver.send(guest(guest_port, host_port, OP_REQUEST, buf_alloc=65536))
+    rig.driver.expect(from_device(host_port, guest_port, OP_RESPONSE), "RESPONSE")
+    host, _ = listener.accept()
+    return listener, host
+
 def test_guest_connects_echoes_and_shuts_down(rig: Rig) -> None:
     driver = rig.driver
     assert rig.transport.read(mmio.DEVICE_ID, 4) == 19
@@ -318,10 +327,7 @@ def test_nobody_listening_and_unknown_streams_get_rst(rig: Rig) -> None:
 
 def test_guest_half_close_reaches_the_host_and_host_eof_reaches_the_guest(rig: Rig) -> None:
     driver = rig.driver
-    listener = server(Path(f"{rig.uds}_5003"))
-    driver.send(guest(1030, 5003, OP_REQUEST, buf_alloc=65536))
-    driver.expect(from_device(5003, 1030, OP_RESPONSE), "RESPONSE")
-    host, _ = listener.accept()
+    listener, host = connected(rig, 1030, 5003)
     host.settimeout(WAIT_S)
     driver.send(guest(1030, 5003, OP_RW, buf_alloc=65536, payload=b"last words"))
     driver.send(guest(1030, 5003, OP_SHUTDOWN, flags=SHUTDOWN_SEND, buf_alloc=65536))
@@ -340,10 +346,7 @@ def test_queued_bytes_drain_to_the_host_after_the_guests_full_shutdown(rig: Rig)
     """The host reads nothing until the guest has sent everything and shut down: the guest gets its RST at once,
     the host still gets every byte, then end of file."""
     driver = rig.driver
-    listener = server(Path(f"{rig.uds}_5010"))
-    driver.send(guest(1050, 5010, OP_REQUEST, buf_alloc=65536))
-    driver.expect(from_device(5010, 1050, OP_RESPONSE), "RESPONSE")
-    host, _ = listener.accept()
+    listener, host = connected(rig, 1050, 5010)
     host.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     data = os.urandom(BUF_ALLOC)
     for offset in range(0, len(data), 4096):
@@ -365,10 +368,7 @@ def test_an_unanswered_shutdown_ends_in_rst(rig: Rig, monkeypatch: pytest.Monkey
     from pyrovisor.devices.virtio import vsock
     monkeypatch.setattr(vsock, "CLOSE_TIMEOUT_S", 0.2)
     driver = rig.driver
-    listener = server(Path(f"{rig.uds}_5011"))
-    driver.send(guest(1051, 5011, OP_REQUEST, buf_alloc=65536))
-    driver.expect(from_device(5011, 1051, OP_RESPONSE), "RESPONSE")
-    host, _ = listener.accept()
+    listener, host = connected(rig, 1051, 5011)
     driver.send(guest(1051, 5011, OP_SHUTDOWN, flags=SHUTDOWN_SEND, buf_alloc=65536))
     host.close()
     assert driver.expect(from_device(5011, 1051, OP_SHUTDOWN), "SHUTDOWN").flags == SHUTDOWN_BOTH
@@ -379,10 +379,7 @@ def test_an_unanswered_shutdown_ends_in_rst(rig: Rig, monkeypatch: pytest.Monkey
 
 def test_a_guest_that_stops_receiving_makes_the_hosts_writes_fail(rig: Rig) -> None:
     driver = rig.driver
-    listener = server(Path(f"{rig.uds}_5012"))
-    driver.send(guest(1052, 5012, OP_REQUEST, buf_alloc=65536))
-    driver.expect(from_device(5012, 1052, OP_RESPONSE), "RESPONSE")
-    host, _ = listener.accept()
+    listener, host = connected(rig, 1052, 5012)
     driver.send(guest(1052, 5012, OP_SHUTDOWN, flags=SHUTDOWN_RCV, buf_alloc=65536))
     time.sleep(0.05)
     with pytest.raises(BrokenPipeError):
@@ -608,10 +605,7 @@ def test_a_receive_buffer_too_small_for_a_header_breaks_the_device(short_dir: Pa
 
 def test_a_restored_device_resets_the_guests_transport_and_takes_new_connections(rig: Rig) -> None:
     driver = rig.driver
-    listener = server(Path(f"{rig.uds}_5008"))
-    driver.send(guest(1040, 5008, OP_REQUEST, buf_alloc=65536))
-    driver.expect(from_device(5008, 1040, OP_RESPONSE), "RESPONSE")
-    old_host, _ = listener.accept()
+    listener, old_host = connected(rig, 1040, 5008)
     rig.loop.pause(5)
     state = rig.transport.save()
     rig.loop.resume()
