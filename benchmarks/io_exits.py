@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import ctypes
 import mmap
@@ -37,7 +38,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -271,7 +271,7 @@ class ModeResult:
     kvm_exits: dict[str, int]  # the same window from KVM's statistics (empty if unavailable)
     seconds: float  # from the start mark until the device had seen every write
     cpu_s: float  # process CPU time over that span
-    delays_us: np.ndarray
+    delays_us: list[float]  # ascending
     offset: int  # guest TSC - host TSC, cycles
     offset_bounds: tuple[int, int]  # what the round trips allow
     kvm_offset: int | None  # what KVM says
@@ -298,7 +298,15 @@ class ModeResult:
         return self.kvm_exits["io_exits"] + self.kvm_exits["mmio_exits"]
 
     def delay_percentile(self, percent: float) -> float:
-        return float(np.percentile(self.delays_us, percent)) if len(self.delays_us) else float("nan")
+        return percentile(self.delays_us, percent) if self.delays_us else float("nan")
+
+
+def percentile(ordered: list[float], percent: float) -> float:
+    """The percentile of ascending values, interpolated linearly between the two nearest ranks (numpy's default)."""
+    position = (len(ordered) - 1) * percent / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def kvm_tsc_offset(vcpu: VcpuFd) -> int | None:
@@ -330,27 +338,39 @@ def tsc_offset(bounds: list[tuple[int, int]], kvm_offset: int | None) -> tuple[i
     return (tightest[0] + tightest[1]) // 2, (low, high)
 
 
-def exact_delays(register: TscRegister, offset: int) -> np.ndarray:
-    seen = np.frombuffer(register.seen, dtype=np.uint64).astype(np.int64)
-    made = np.frombuffer(register.guest, dtype=np.uint64).astype(np.int64) - offset
-    return (seen - made).astype(np.float64)
+def exact_delays(register: TscRegister, offset: int) -> list[float]:
+    """Per write, in cycles: when the device saw it minus when the guest made it (its TSC - the offset)."""
+    return [float(seen - (made - offset)) for seen, made in zip(register.seen, register.guest, strict=True)]
 
 
-def interpolated_delays(observer: MailboxObserver, start: Mark, end: Mark, writes: int, offset: int) -> np.ndarray:
+def interpolated_delays(observer: MailboxObserver, start: Mark, end: Mark, writes: int, offset: int) -> list[float]:
     """Per write k: the first observation that accounted for it, minus its time interpolated between known
     (number, TSC) points: the start mark (0), each observation's mailbox, the end mark (all writes)."""
-    numbers = np.concatenate(([0], np.frombuffer(observer.numbers, dtype=np.uint64), [writes])).astype(np.float64)
-    stamps = np.concatenate(([start.guest_tsc], np.frombuffer(observer.stamps, dtype=np.uint64),
-                             [end.guest_tsc])).astype(np.float64)
-    order = np.argsort(numbers, kind="stable")
-    numbers, stamps = numbers[order], np.maximum.accumulate(stamps[order])
-    counts = np.frombuffer(observer.counts, dtype=np.uint64).astype(np.int64)
-    seen = np.frombuffer(observer.seen, dtype=np.uint64).astype(np.int64)
-    index = np.arange(1, writes + 1)
-    first_seen = np.searchsorted(counts, index, side="left")
-    valid = first_seen < len(counts)
-    made = np.interp(index[valid], numbers, stamps) - offset
-    return seen[first_seen[valid]].astype(np.float64) - made
+    points = sorted(zip([0, *observer.numbers, writes], [start.guest_tsc, *observer.stamps, end.guest_tsc],
+                        strict=True), key=lambda point: point[0])  # stable: equal numbers keep their order
+    numbers = [float(number) for number, _ in points]
+    stamps: list[float] = []
+    for _, stamp in points:  # a later number never has an earlier time
+        stamps.append(max(float(stamp), stamps[-1]) if stamps else float(stamp))
+    counts, seen = observer.counts.tolist(), observer.seen.tolist()
+    delays = []
+    observation = bisect.bisect_left(counts, 1)  # the first that accounted for write k, k = 1, 2, ...
+    segment = 0  # numbers[segment] <= k < numbers[segment + 1], as far as there is one
+    last = len(numbers) - 1
+    for k in range(1, writes + 1):
+        while observation < len(counts) and counts[observation] < k:
+            observation += 1
+        if observation == len(counts):
+            break  # no observation accounted for this write or any later one
+        while segment < last and numbers[segment + 1] <= k:
+            segment += 1
+        if segment == last or numbers[segment] == k:
+            made = stamps[segment]
+        else:  # np.interp's formula, for the same figures
+            slope = (stamps[segment + 1] - stamps[segment]) / (numbers[segment + 1] - numbers[segment])
+            made = slope * (k - numbers[segment]) + stamps[segment]
+        delays.append(seen[observation] - (made - offset))
+    return delays
 
 
 def os_config(command: str) -> MachineConfig:
@@ -446,7 +466,7 @@ def run_mode(mode: str, writes: int, timeout: float = 900) -> ModeResult:
             mode=mode, writes=writes, guest_count=sync.guest_count, device_count=device_count,
             user_exits=end.user_exits - start.user_exits - 1, kvm_exits=kvm,
             seconds=(done.host_tsc - start.host_tsc) / (tsc_khz * 1e3), cpu_s=done.cpu_s - start.cpu_s,
-            delays_us=delays / tsc_khz * 1e3, offset=offset, offset_bounds=bounds, kvm_offset=kvm_offset,
+            delays_us=sorted(delay / tsc_khz * 1e3 for delay in delays), offset=offset, offset_bounds=bounds, kvm_offset=kvm_offset,
             tsc_khz=tsc_khz,
             guest_cycles=end.guest_tsc - start.guest_tsc, console=console)
 

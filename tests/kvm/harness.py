@@ -3,6 +3,10 @@ for the witnesses the guests print: the OS's `counter` beats and `memcheck` pass
 
 from __future__ import annotations
 
+import codecs
+import io
+import locale
+import os
 import re
 import subprocess
 import sys
@@ -31,12 +35,13 @@ def os_run_args(programs: str = OS_WORKLOAD, memory: str = "128M", vcpus: int = 
 
 
 class VmmProcess:
-    """`pyrovisor ARGS --api SOCKET` in a child process; console lines collect in `lines`."""
+    """`pyrovisor ARGS --api SOCKET` in a child process (`program`: how pyrovisor is started); console lines
+    collect in `lines`."""
 
     def __init__(self, args: Sequence[str], socket_path: Path, stdin: str | None = None,
-                 prefix: Sequence[str] = ()) -> None:
+                 prefix: Sequence[str] = (), program: Sequence[str] = (sys.executable, "-m", "pyrovisor")) -> None:
         self.socket_path = socket_path
-        self.process = subprocess.Popen([*prefix, sys.executable, "-m", "pyrovisor", *args, "--api", str(socket_path)],
+        self.process = subprocess.Popen([*prefix, *program, *args, "--api", str(socket_path)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
         if stdin is not None:
@@ -52,16 +57,42 @@ class VmmProcess:
         self.wait_for(lambda: socket_path.exists(), "the API socket", timeout=30)
 
     def _read(self) -> None:
+        """Console output as it arrives, a line cut short by a pause included (the text of `text()`); whole lines
+        in `lines`. Decoded as the text-mode pipe would, universal newlines too."""
         assert self.process.stdout is not None
-        for line in self.process.stdout:
+        fd = self.process.stdout.fileno()
+        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder(locale.getpreferredencoding(False))(),
+                                               translate=True)
+        partial = ""
+        while True:
+            chunk = os.read(fd, 65536)
+            text = decoder.decode(chunk, final=not chunk)
+            *whole, partial = (partial + text).split("\n")
             with self._lock:
-                self._raw.append(line)
-                self.lines.append(line.rstrip("\n"))
+                self._raw.append(text)
+                self.lines.extend(whole)
+                if not chunk and partial:
+                    self.lines.append(partial)
+            if not chunk:
+                return
 
     def text(self) -> str:
         """Everything the console printed, exactly (the last line may be cut short by a pause)."""
         with self._lock:
             return "".join(self._raw)
+
+    def settled_text(self, quiet_s: float = 0.3, timeout: float = 10) -> str:
+        """The console once nothing new has arrived for `quiet_s`: after a pause, all the guest printed before it
+        (the reader thread may not have read it yet when the pause returns)."""
+        text = self.text()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(quiet_s)
+            newer = self.text()
+            if newer == text:
+                break
+            text = newer
+        return text
 
     def snapshot_lines(self) -> list[str]:
         with self._lock:
@@ -112,6 +143,26 @@ class VmmProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def restore_and_read(snapshot: Path, beats_wanted: int, *extra: str,
+                     program: Sequence[str] = (sys.executable, "-m", "pyrovisor")) -> str:
+    """Run `pyrovisor restore` until the OS's counter has beaten `beats_wanted` times; return the console."""
+    process = subprocess.Popen([*program, "restore", str(snapshot), *extra],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if len(beats_in([text.rstrip("\n") for text in lines])) >= beats_wanted:
+                break
+    finally:
+        process.kill()
+        process.wait()
+    output = "".join(lines)
+    assert len(beats_in(output.splitlines())) >= beats_wanted, output + (process.stderr.read() if process.stderr else "")
+    return output
 
 
 def continuous_ticks(*outputs: str) -> list[int]:

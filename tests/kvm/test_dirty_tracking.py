@@ -47,12 +47,12 @@ def test_exact_pages_round_after_round_and_independent_subscribers(ring_entries:
         assert isinstance(run_until_io(machine, tracker), IoOut)
         second = tracker.subscribe()  # joins after round one
         machine.memory.write_u32(0xE00 * 4096, 1)  # a host-side write (a device, a loader)
-        assert list(first.collect_array()) == sorted([*ROUND_ONE, 0xE00])
+        assert list(first.collect_pages()) == sorted([*ROUND_ONE, 0xE00])
         assert isinstance(run_until_io(machine, tracker), IoOut)
-        assert list(first.collect_array()) == ROUND_TWO, "collecting starts a new interval"
-        assert list(second.collect_array()) == sorted([*ROUND_TWO, 0xE00]), "the late subscriber saw only its part"
+        assert list(first.collect_pages()) == ROUND_TWO, "collecting starts a new interval"
+        assert list(second.collect_pages()) == sorted([*ROUND_TWO, 0xE00]), "the late subscriber saw only its part"
         assert isinstance(run_until_io(machine, tracker), Hlt)
-        assert len(first.collect_array()) == 0
+        assert len(first.collect_pages()) == 0
         first.close()
         second.close()
         assert not tracker.active and not machine.vm.memslots[0].dirty_logging

@@ -292,12 +292,15 @@ def test_failure_at_any_phase_leaves_the_source_running(tmp_path: Path, rule, ph
     port = free_port()
     receiver = Receiver(port, tmp_path / "dest.sock")
     proxy = FaultProxy(("127.0.0.1", port), rule)
-    # A low downtime limit and a steady dirtier guarantee several rounds before switching over.
+    # A low downtime limit and a steady dirtier guarantee several rounds before switching over. To cut a later
+    # round, the link is slowed so that round 1 lasts long enough for the dirtier to write pages round 2 must
+    # send: at full speed round 1 can end within a few milliseconds, with nothing dirtied, and switch over.
+    slow = {"max_bandwidth": 200e6} if phase == "a later round" else {}
     source = start_source(tmp_path)
     try:
         with pytest.raises(ControlError):
             status = source.api.post("/migrate", {"to": proxy.address, "downtime_ms": 5, "max_rounds": 6,
-                                                  "wait": True})
+                                                  "wait": True, **slow})
             if status["state"] == "failed":
                 raise ControlError("/migrate", status["error"])
         assert_source_survives(source, receiver)

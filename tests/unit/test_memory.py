@@ -88,8 +88,8 @@ def test_tracking_records_pages_written_by_the_host(split_memory: GuestMemory) -
     split_memory.write(0x1FFE, b"abcd")  # pages 1 and 2
     split_memory.write_u64(4 * MiB, 1)  # page 1024
     split_memory.fill(0x5000, 0x2000)  # pages 5 and 6
-    assert split_memory.take_tracked_pages().tolist() == [1, 2, 5, 6, 1024]
-    assert split_memory.take_tracked_pages().tolist() == []
+    assert split_memory.take_tracked_pages().pages() == [1, 2, 5, 6, 1024]
+    assert split_memory.take_tracked_pages().pages() == []
     split_memory.stop_tracking()
     with pytest.raises(GuestMemoryError):
         split_memory.take_tracked_pages()

@@ -12,11 +12,10 @@ import threading
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pyrovisor.errors import ConfigError, MigrationError
-from pyrovisor.memory import GuestMemory, MemoryRegion
+from pyrovisor.memory import GuestMemory, MemoryRegion, PageSet
 from pyrovisor.migration.address import listen, parse_address
 from pyrovisor.migration.auth import authenticate_destination, authenticate_source, load_psk, session_keys
 from pyrovisor.migration.destination import receive
@@ -148,7 +147,7 @@ def test_forged_page_data_matching_the_crc(pair, keyed: bool) -> None:
     memory = GuestMemory([MemoryRegion.anonymous(0, 2 << 20)])
     target = GuestMemory([MemoryRegion.anonymous(0, 2 << 20)])
     memory.write(0, original)
-    PageSender(memory, source, RateLimiter(None)).send(np.array([0]), SendTally())
+    PageSender(memory, source, RateLimiter(None)).send(PageSet.of([0]), SendTally())
     wire = bytearray(destination.sock.recv(65536))
     while len(wire) < FRAME.size + PAGES.size + source.integrity.digest_size + PAGE_SIZE:
         wire += destination.sock.recv(65536)

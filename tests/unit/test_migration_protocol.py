@@ -7,13 +7,12 @@ import threading
 import time
 import zlib
 
-import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pyrovisor.errors import ConfigError, MigrationError
-from pyrovisor.memory import GuestMemory, MemoryRegion
+from pyrovisor.memory import GuestMemory, MemoryRegion, PageSet
 from pyrovisor.migration.address import parse_address
 from pyrovisor.migration.pages import (
     MAX_RUN_PAGES,
@@ -115,7 +114,7 @@ def test_replayed_or_reordered_frames_are_refused(pair) -> None:
 
 
 def send_and_apply(sender: Connection, receiver: Connection, source: GuestMemory, target: GuestMemory,
-                   pages: np.ndarray, compression: str | None = None) -> tuple[SendTally, PageReceiver]:
+                   pages: PageSet, compression: str | None = None) -> tuple[SendTally, PageReceiver]:
     tally = SendTally()
 
     def send() -> None:
@@ -141,7 +140,7 @@ def test_pages_travel_with_zero_runs_and_compression(pair, compression: str | No
     target.write(0x5000, b"stale")  # a page that became zero at the source must be cleared
     source.write(0x1000, b"A" * 4096)
     source.write(0x3000, bytes(range(256)) * 16)
-    tally, incoming = send_and_apply(sender, receiver, source, target, np.arange(0, 8), compression)
+    tally, incoming = send_and_apply(sender, receiver, source, target, PageSet.span(0, 8), compression)
     assert tally.pages == 8 and tally.zero_pages == 6
     incoming.finish()
     assert target.read(0, 8 * 4096) == source.read(0, 8 * 4096)
@@ -156,7 +155,7 @@ def test_pages_outside_guest_ram_are_refused(pair) -> None:
     big = GuestMemory([MemoryRegion.anonymous(0, 4 << 20)])
     small = GuestMemory([MemoryRegion.anonymous(0, 2 << 20)])
     big.write(3 << 20, b"x")
-    PageSender(big, sender, RateLimiter(None)).send(np.array([(3 << 20) // 4096]), SendTally())
+    PageSender(big, sender, RateLimiter(None)).send(PageSet.of([(3 << 20) // 4096]), SendTally())
     with pytest.raises(MigrationError, match="outside guest RAM"):
         PageReceiver(small, receiver).receive(receiver.receive_header())
 
@@ -234,8 +233,8 @@ def test_digest_table_must_fit_the_page_count(pair, guest) -> None:
 
 def test_rewritten_pages_are_named_in_runs_and_split_across_messages(pair) -> None:
     sender, receiver = pair
-    sent = np.arange(0, 1000, dtype=np.int64)
-    dirtied = np.array([5, 6, 7, 100, 2000], dtype=np.int64)
+    sent = PageSet.span(0, 1000)
+    dirtied = PageSet.of([5, 6, 7, 100, 2000])
     assert rewritten_runs(sent, dirtied) == [[5, 3], [100, 1]]
     many = [[2 * index, 1] for index in range(250_001)]  # more runs than one message carries
     thread = threading.Thread(target=send_round_end, args=(sender, 4, many))
@@ -257,8 +256,7 @@ def test_malformed_runs_are_refused(runs: object) -> None:
 
 @given(st.lists(st.integers(0, 5000), unique=True))
 def test_page_runs_cover_every_page_once_in_bounded_runs(pages: list[int]) -> None:
-    ordered = np.array(sorted(pages), dtype=np.int64)
-    runs = list(page_runs(ordered))
+    runs = page_runs(PageSet.of(pages))
     covered = [first + i for first, count in runs for i in range(count)]
     assert covered == sorted(pages)
     assert all(0 < count <= MAX_RUN_PAGES for _, count in runs)

@@ -245,7 +245,7 @@ def test_frames_cross_both_ways_byte_exact(namespace: str, memory: GuestMemory, 
             address = RX_BUFFERS + head * BUFFER
             assert memory.read(address, 12) == RX_HEADER == struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1)
             assert memory.read(address + 12, len(data)) == data
-        pages = set(memory.take_tracked_pages().tolist())
+        pages = set(memory.take_tracked_pages())
         assert {(RX_BUFFERS + head * BUFFER) // 4096 for head, _ in entries} <= pages, \
             "the pages the device wrote through its views are reported for dirty tracking"
         assert (device.stats.rx_frames, device.stats.rx_bytes) == (3, sum(map(len, incoming)))

@@ -14,13 +14,14 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from pyrovisor.memory.region import MemoryRegion
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-PRESENT = np.uint64(1 << 63)
-EXCLUSIVE = np.uint64(1 << 56)  # PM_MMAP_EXCLUSIVE: mapped by this process only (not the zero page, not shared)
+PRESENT = 1 << 63
+EXCLUSIVE = 1 << 56  # PM_MMAP_EXCLUSIVE: mapped by this process only (not the zero page, not shared)
+# Both flags are in the top byte of an entry (little-endian u64): the top bytes of the entries that lack either.
+_WANTED_TOP = (PRESENT | EXCLUSIVE) >> 56
+_NOT_RESIDENT = bytes(top for top in range(256) if top & _WANTED_TOP != _WANTED_TOP)
 PAGEMAP = "/proc/self/pagemap"
 
 
@@ -33,9 +34,7 @@ def resident_bytes(regions: Sequence[MemoryRegion]) -> int:
                 continue
             pages = region.size // PAGE_SIZE
             raw = os.pread(pagemap.fileno(), pages * 8, region.host_address // PAGE_SIZE * 8)
-            entries = np.frombuffer(raw, dtype="<u8")
-            wanted = PRESENT | EXCLUSIVE
-            total += int(np.count_nonzero((entries & wanted) == wanted))
+            total += len(raw[7::8].translate(None, _NOT_RESIDENT))  # entries with both flags set
     return total * PAGE_SIZE
 
 

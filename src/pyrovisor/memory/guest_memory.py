@@ -9,9 +9,8 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
-import numpy as np
-
 from pyrovisor.errors import ConfigError, GuestMemoryError
+from pyrovisor.memory.page_set import PageSet
 from pyrovisor.memory.region import MemoryRegion
 from pyrovisor.memory.write_log import HostWriteLog
 
@@ -247,8 +246,8 @@ class GuestMemory:
     def tracking(self) -> bool:
         return self._write_log.active
 
-    def take_tracked_pages(self) -> np.ndarray:
-        """Sorted guest page frame numbers written since the last call (tracking must be on)."""
+    def take_tracked_pages(self) -> PageSet:
+        """The guest page frame numbers written since the last call (tracking must be on)."""
         if not self._write_log.active:
             raise GuestMemoryError(0, 0, "write tracking is not enabled")
         return self._write_log.take()

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import lz4.block
-import numpy as np
 import zstandard
 
 from pyrovisor.errors import ConfigError, MigrationError
-from pyrovisor.memory import GuestMemory
+from pyrovisor.memory import GuestMemory, PageSet
+from pyrovisor.memory.zero_pages import content_runs
 from pyrovisor.migration.protocol import (
     MAX_RUN_PAGES,
     PAGE_SIZE,
@@ -25,7 +25,6 @@ from pyrovisor.migration.protocol import (
 )
 from pyrovisor.migration.rate import RateLimiter
 
-WORDS_PER_PAGE = PAGE_SIZE // 8
 COMPRESSIONS = {"lz4": Encoding.LZ4, "zstd": Encoding.ZSTD}
 MAX_ZSTD_WINDOW = 2 * MAX_RUN_PAGES * PAGE_SIZE  # what the receiver's zstd may allocate for its window
 MAX_RUNS_PER_MESSAGE = 100_000  # rewritten-page runs in one ROUND_END or DIRTIED message (~1.5 MB of JSON)
@@ -62,25 +61,14 @@ class SendTally:
     frames: int = 0
 
 
-def page_runs(pages: np.ndarray, limit: int | None = MAX_RUN_PAGES) -> Iterator[tuple[int, int]]:
-    """(first page, count) for sorted page numbers, each run at most `limit` long (None: unbounded)."""
-    if len(pages) == 0:
-        return
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(pages)]))
-    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-        first = int(pages[start])
-        count = end - start
-        step = limit or count
-        for offset in range(0, count, step):
-            yield first + offset, min(step, count - offset)
+def page_runs(pages: PageSet, limit: int | None = MAX_RUN_PAGES) -> list[tuple[int, int]]:
+    """(first page, count) of the pages in order, each run at most `limit` long (None: unbounded)."""
+    return pages.runs(limit)
 
 
-def rewritten_runs(sent: np.ndarray, dirtied: np.ndarray) -> list[list[int]]:
-    """[first, count] runs of the pages sent this round that were written during it (sorted inputs)."""
-    pages = np.intersect1d(sent, dirtied, assume_unique=True)
-    return [[first, count] for first, count in page_runs(pages, None)]
+def rewritten_runs(sent: PageSet, dirtied: PageSet) -> list[list[int]]:
+    """[first, count] runs of the pages sent this round that were written during it."""
+    return [[first, count] for first, count in (sent & dirtied).runs()]
 
 
 class PageSender:
@@ -91,20 +79,19 @@ class PageSender:
         self.limiter = limiter
         self.compression = compressor_for(compression)
 
-    def all_pages(self) -> np.ndarray:
-        return np.concatenate([np.arange(r.gpa // PAGE_SIZE, r.end // PAGE_SIZE, dtype=np.int64)
-                               for r in self.memory.regions])
+    def all_pages(self) -> PageSet:
+        bits = 0
+        for region in self.memory.regions:
+            bits |= PageSet.span(region.gpa // PAGE_SIZE, region.end // PAGE_SIZE).bits
+        return PageSet(bits)
 
-    def send(self, pages: np.ndarray, tally: SendTally, cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Send these pages (sorted page numbers): zero runs as markers, the rest raw or compressed."""
+    def send(self, pages: PageSet, tally: SendTally, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Send these pages, in order: zero runs as markers, the rest raw or compressed."""
         for first, count in page_runs(pages):
             if cancelled():
                 raise MigrationError("pre-copy", "cancelled")
             with self.memory.view(first * PAGE_SIZE, count * PAGE_SIZE) as view:
-                words = np.frombuffer(view, dtype=np.uint64).reshape(count, WORDS_PER_PAGE)
-                used = np.asarray(words.any(axis=1))
-                del words  # the array holds an export of the view
-                for sub_first, sub_count, nonzero in _split(used):
+                for sub_first, sub_count, nonzero in content_runs(view):
                     with view[sub_first * PAGE_SIZE:(sub_first + sub_count) * PAGE_SIZE] as data:
                         self._send_run(first + sub_first, sub_count, nonzero, data, tally)
 
@@ -132,15 +119,6 @@ class PageSender:
                              data=(payload,))
         tally.send_seconds += time.perf_counter() - started
         tally.data_bytes += len(payload)
-
-
-def _split(used: np.ndarray) -> Iterator[tuple[int, int, bool]]:
-    """Runs of equal values in a boolean array: (start, length, value)."""
-    edges = np.flatnonzero(np.diff(used.astype(np.int8))) + 1
-    starts = np.concatenate(([0], edges)).tolist()
-    ends = np.concatenate((edges, [len(used)])).tolist()
-    for start, end in zip(starts, ends, strict=True):
-        yield start, end - start, bool(used[start])
 
 
 def parse_runs(value: Any, page_limit: int, where: str) -> tuple[list[int], list[int]]:

@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pyrovisor import __version__
 from pyrovisor.arch.x86_64.cpuid import CpuidEntry
 from pyrovisor.errors import LifecycleError, MigrationError, PyrovisorError
-from pyrovisor.memory import GuestMemory
+from pyrovisor.memory import GuestMemory, PageSet
 from pyrovisor.migration.address import Address, connect, parse_address
 from pyrovisor.migration.auth import authenticate_source, load_psk
 from pyrovisor.migration.pages import MAX_RUNS_PER_MESSAGE, PageSender, SendTally, rewritten_runs
@@ -170,7 +168,7 @@ class _Migration:
         pending = sender.all_pages()
         progress.pages_total = len(pending)
         history: list[RoundStats] = []
-        previous_dirty = np.zeros(0, dtype=np.int64)
+        previous_dirty = PageSet()
         bandwidth_estimate = 0.0
         reason = ""
         while True:
@@ -179,7 +177,7 @@ class _Migration:
             throttle_before = self.throttler.paused_seconds
             tally = SendTally()
             sender.send(pending, tally, self.cancelled)
-            dirtied = dirty.collect_array()
+            dirtied = dirty.collect_pages()
             duration = time.perf_counter() - round_started
             send_round_end(connection, len(history), rewritten_runs(pending, dirtied))
             if tally.data_bytes >= 1 << 20 or bandwidth_estimate == 0.0:
@@ -190,7 +188,7 @@ class _Migration:
                 duration_s=duration, dirty_pages=len(dirtied),
                 dirty_rate_bytes_per_s=len(dirtied) * PAGE_SIZE / duration if duration else 0.0,
                 bandwidth_bytes_per_s=bandwidth_estimate or float(options.max_bandwidth or 1e9),
-                wws_pages=int(np.intersect1d(dirtied, previous_dirty, assume_unique=True).size),
+                wws_pages=len(dirtied & previous_dirty),
                 throttle=(self.throttler.paused_seconds - throttle_before) / duration if duration else 0.0,
                 throttle_target=self.throttler.fraction,
             )
@@ -212,7 +210,7 @@ class _Migration:
         return self._stop_and_copy(connection, sender, history, pending, destination, started, reason)
 
     def _stop_and_copy(self, connection: Connection, sender: PageSender, history: list[RoundStats],
-                       pending: np.ndarray, destination: str, started: float, reason: str) -> MigrationResult:
+                       pending: PageSet, destination: str, started: float, reason: str) -> MigrationResult:
         vmm, options, progress = self.vmm, self.options, self.progress
         self.throttler.stop()
         progress.phase = "stop-and-copy"
@@ -223,7 +221,7 @@ class _Migration:
         except LifecycleError as exc:
             raise MigrationError("stop-and-copy", str(exc)) from None
         assert self.dirty is not None
-        final = np.union1d(pending, self.dirty.collect_array())
+        final = pending | self.dirty.collect_pages()
         progress.pages_left = len(final)
         tally = SendTally()
         sender.send(final, tally)

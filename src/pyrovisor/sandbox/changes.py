@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
-
 from pyrovisor.arch.x86_64.paging import mappings
 from pyrovisor.introspect import GuestKernel
 from pyrovisor.memory import GuestMemory
@@ -24,9 +22,9 @@ class Owner:
     virtual_address: int
 
 
-def changed_pages(written: np.ndarray, memory: GuestMemory, base: GuestMemory) -> list[int]:
+def changed_pages(written: Iterable[int], memory: GuestMemory, base: GuestMemory) -> list[int]:
     """The written page numbers whose content now differs from the base's."""
-    return [int(page) for page in written if memory.read(int(page) * PAGE, PAGE) != base.read(int(page) * PAGE, PAGE)]
+    return [page for page in written if memory.read(page * PAGE, PAGE) != base.read(page * PAGE, PAGE)]
 
 
 def user_owners(kernel: GuestKernel, pages: Iterable[int]) -> dict[int, Owner]:

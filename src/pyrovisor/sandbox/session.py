@@ -9,8 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-
 from pyrovisor.builder import build_vm, open_chain_memory, restore_vm
 from pyrovisor.catalog import check_vcpu_limit, guests_dir
 from pyrovisor.config import MachineConfig
@@ -158,7 +156,7 @@ class Sandbox:
                  vm_exit_code: int | None, description: str, clean: int, log: BinaryIO,
                  console: str) -> SandboxReport:
         assert vmm.snapshot_log is not None
-        written: np.ndarray = vmm.snapshot_log.collect_array()
+        written = vmm.snapshot_log.collect_pages()
         changed = changed_pages(written, vmm.memory, self._base_memory)
         self._previous_changes = changed
         owners = user_owners(kernel, changed)
@@ -176,6 +174,6 @@ class Sandbox:
         return SandboxReport(
             run=self._runs, command=command, outcome=outcome, vm_exit_code=vm_exit_code,
             program_pid=program.pid if program else None, program_exit_code=program.exit_code if program else None,
-            pages_written=int(written.size), pages_changed=len(changed), ranges=merge_ranges(changed, owners),
+            pages_written=len(written), pages_changed=len(changed), ranges=merge_ranges(changed, owners),
             clean_start_pages=clean, restore_ms=0.0, run_ms=0.0, analyse_ms=0.0, cycle_ms=0.0, log=str(self.log),
             user_pages=user_pages_by_pid(owners), start_error=why)

@@ -8,35 +8,23 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from pyrovisor.arch.x86_64.layout import RamRange
 from pyrovisor.errors import StateError
-from pyrovisor.memory import GuestMemory, MemoryRegion
+from pyrovisor.memory import GuestMemory, MemoryRegion, PageSet
 from pyrovisor.memory.region import PAGE_SIZE
+from pyrovisor.memory.zero_pages import content_runs
 from pyrovisor.snapshot.file_format import SnapshotFile, create_private_file, open_snapshot_file
 from pyrovisor.snapshot.state import DIFF, FULL, MemoryImage, MemoryRange
-
-WORDS_PER_PAGE = PAGE_SIZE // 8
 
 
 def nonzero_page_runs(view: memoryview) -> list[tuple[int, int]]:
     """(first page, page count) of each run of pages that hold a non-zero byte."""
-    words = np.frombuffer(view, dtype=np.uint64).reshape(-1, WORDS_PER_PAGE)
-    used = words.any(axis=1)
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], used, [False])).astype(np.int8)))
-    return [(int(start), int(end - start)) for start, end in zip(edges[::2], edges[1::2], strict=True)]
+    return [(first, count) for first, count, data in content_runs(view) if data]
 
 
 def page_runs(pages: Iterable[int]) -> list[tuple[int, int]]:
-    """Consecutive page numbers grouped as (first page, count)."""
-    runs: list[tuple[int, int]] = []
-    for page in sorted(pages):
-        if runs and runs[-1][0] + runs[-1][1] == page:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((page, 1))
-    return runs
+    """Consecutive page numbers (in any order; a PageSet as it is) grouped as (first page, count)."""
+    return PageSet.of(pages).runs()
 
 
 def write_full_image(memory: GuestMemory, path: Path) -> MemoryImage:
@@ -59,7 +47,8 @@ def write_full_image(memory: GuestMemory, path: Path) -> MemoryImage:
 
 
 def write_diff_image(memory: GuestMemory, pages: Iterable[int], path: Path) -> MemoryImage:
-    """Only the given guest pages, packed one run after another, in a new file of mode 0600."""
+    """Only the given guest pages (a PageSet, or page numbers), packed one run after another, in a new file
+    of mode 0600."""
     ranges = []
     offset = 0
     fd = create_private_file(path, "memory file")

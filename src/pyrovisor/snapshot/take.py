@@ -10,10 +10,9 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from pyrovisor import __version__
 from pyrovisor.errors import ConfigError, StateError
+from pyrovisor.memory import PageSet
 from pyrovisor.snapshot.file_format import write_state_file
 from pyrovisor.snapshot.memory_file import file_sha256, write_diff_image, write_full_image
 from pyrovisor.snapshot.state import DIFF, FULL, BaseReference, SnapshotState
@@ -94,7 +93,7 @@ def _write_snapshot(vmm: Vmm, directory: Path, kind: str) -> SnapshotReport:
     started = time.perf_counter()
     log = vmm.snapshot_log
     new_log: DirtyLog | None = None
-    owed: np.ndarray | None = None  # pages the previous snapshot's log held: given back if this one fails
+    owed: PageSet | None = None  # pages the previous snapshot's log held: given back if this one fails
     try:
         with vmm.paused("snapshot"):
             machine = vmm.save_state()
@@ -103,13 +102,13 @@ def _write_snapshot(vmm: Vmm, directory: Path, kind: str) -> SnapshotReport:
             if log is None:
                 new_log = vmm.dirty.subscribe()
             else:
-                owed = log.collect_array()
+                owed = log.collect_pages()
             if kind == FULL:
                 image = write_full_image(vmm.memory, memory_path)
                 pages = sum(-(-r.size // 4096) for r in image.ranges)
             else:
                 assert owed is not None
-                image = write_diff_image(vmm.memory, (int(page) for page in owed), memory_path)
+                image = write_diff_image(vmm.memory, owed, memory_path)
                 pages = len(owed)
             paused_seconds = time.perf_counter() - started
         base = None

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import mmap
+import struct
 import threading
+from array import array
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
-
 from pyrovisor.kvm.vm import DIRTY_GFN_DIRTY, DIRTY_GFN_RESET, MEM_LOG_DIRTY_PAGES
-from pyrovisor.memory import GuestMemory
+from pyrovisor.memory import GuestMemory, PageSet
 from pyrovisor.memory.region import PAGE_SIZE
 from pyrovisor.vstate.vm import Vm
 
-_EMPTY = np.zeros(0, dtype=np.int64)
-DIRTY_GFN = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])  # struct kvm_dirty_gfn
-
-
-def bitmap_pages(bitmap: bytes | bytearray, first_page: int = 0) -> np.ndarray:
-    """Page numbers of the set bits of a KVM dirty bitmap (bit n of the bitmap = page first_page + n)."""
-    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
-    return np.flatnonzero(bits).astype(np.int64) + first_page
+DIRTY_GFN = struct.Struct("<IIQ")  # struct kvm_dirty_gfn: u32 flags, u32 slot, u64 offset (pages into the slot)
+_DIRTY_BIT = bytes(value & DIRTY_GFN_DIRTY for value in range(256))  # the low byte of `flags` -> its DIRTY bit
+_RESET = array("I", [DIRTY_GFN_RESET])
 
 
 class DirtyLog:
@@ -29,20 +24,20 @@ class DirtyLog:
 
     def __init__(self, tracker: DirtyTracker) -> None:
         self._tracker = tracker
-        self._pending: list[np.ndarray] = []
+        self._pending = PageSet()
         self.closed = False
 
-    def collect_array(self) -> np.ndarray:
-        """Sorted unique page frame numbers written since the previous collect; starts a new interval."""
+    def collect_pages(self) -> PageSet:
+        """The page frame numbers written since the previous collect; starts a new interval."""
         with self._tracker.lock:  # a vCPU thread harvesting a full dirty ring must not add in between
             self._tracker.harvest()
-            pending, self._pending = self._pending, []
-        return np.unique(np.concatenate(pending)) if pending else _EMPTY
+            pending, self._pending = self._pending, PageSet()
+        return pending
 
     def collect(self) -> set[int]:
-        return {int(page) for page in self.collect_array()}
+        return set(self.collect_pages())
 
-    def give_back(self, pages: np.ndarray) -> None:
+    def give_back(self, pages: PageSet) -> None:
         """Return pages from a collect whose consumer failed, so the next collect reports them again."""
         with self._tracker.lock:
             self._add(pages)
@@ -51,16 +46,15 @@ class DirtyLog:
         """Forget what was written so far."""
         with self._tracker.lock:
             self._tracker.harvest()
-            self._pending = []
+            self._pending = PageSet()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self._tracker.unsubscribe(self)
 
-    def _add(self, pages: np.ndarray) -> None:
-        if len(pages):
-            self._pending.append(pages)
+    def _add(self, pages: PageSet) -> None:
+        self._pending |= pages
 
 
 class DirtySource(Protocol):
@@ -68,7 +62,7 @@ class DirtySource(Protocol):
 
     def reset(self) -> None: ...
 
-    def harvest(self) -> list[np.ndarray]: ...
+    def harvest(self) -> PageSet: ...
 
     def release(self) -> None: ...
 
@@ -83,9 +77,13 @@ class BitmapSource:
         for memslot in self._vm.memslots:
             self._vm.get_dirty_log(memslot.slot)
 
-    def harvest(self) -> list[np.ndarray]:
-        return [bitmap_pages(self._vm.get_dirty_log(memslot.slot), memslot.region.gpa // PAGE_SIZE)
-                for memslot in self._vm.memslots if memslot.dirty_logging]
+    def harvest(self) -> PageSet:
+        bits = 0
+        for memslot in self._vm.memslots:
+            if memslot.dirty_logging:
+                bitmap = self._vm.get_dirty_log(memslot.slot)
+                bits |= PageSet.from_bitmap(bitmap, memslot.region.gpa // PAGE_SIZE).bits
+        return PageSet(bits)
 
     def release(self) -> None:
         return None
@@ -96,37 +94,76 @@ class RingSource:
 
     def __init__(self, vm: Vm, rings: Sequence[mmap.mmap]) -> None:
         self._vm = vm
-        self._rings = [np.frombuffer(ring, dtype=DIRTY_GFN) for ring in rings]
-        self._next = [0] * len(rings)
+        self._rings = [_Ring(ring) for ring in rings]
 
     def reset(self) -> None:
         self.harvest()
 
-    def harvest(self) -> list[np.ndarray]:
+    def harvest(self) -> PageSet:
         slot_base = {memslot.slot: memslot.region.gpa // PAGE_SIZE for memslot in self._vm.memslots}
-        parts = []
-        for index, ring in enumerate(self._rings):
-            size = len(ring)
-            order = (np.arange(size) + self._next[index]) % size  # oldest unread entry first
-            dirty = (ring["flags"][order] & DIRTY_GFN_DIRTY) != 0
-            count = size if dirty.all() else int(np.argmin(dirty))
+        pages: list[int] = []
+        harvested = False
+        for ring in self._rings:
+            count = ring.dirty_count()
             if count == 0:
                 continue
-            taken = order[:count]
-            entries = ring[taken]
-            bases = np.fromiter((slot_base.get(int(slot), -1) for slot in entries["slot"]), dtype=np.int64,
-                                count=count)
-            parts.append((bases + entries["offset"].astype(np.int64))[bases >= 0])
-            flags = ring["flags"]
-            flags[taken] = DIRTY_GFN_RESET  # handed back to KVM, which recycles them on reset
-            self._next[index] = (self._next[index] + count) % size
-        if parts:
+            start = ring.next  # oldest unread entry first; the entries may wrap around the end
+            for begin, end in ((start, min(start + count, ring.size)), (0, start + count - ring.size)):
+                if end > begin:
+                    _add_pages(pages, slot_base, ring.words[4 * begin + 1:4 * end:4].tolist(),
+                               ring.quads[2 * begin + 1:2 * end:2].tolist())
+                    # handed back to KVM, which recycles them on reset
+                    ring.words[4 * begin:4 * end:4] = _RESET * (end - begin)
+            ring.next = (start + count) % ring.size
+            harvested = True
+        if harvested:
             self._vm.fd.reset_dirty_rings()
-        return parts
+        return PageSet.of(pages)
 
     def release(self) -> None:
         """Drop the views on the ring mappings so that they can be unmapped."""
+        for ring in self._rings:
+            ring.release()
         self._rings = []
+
+
+class _Ring:
+    """Views on one vCPU's ring of struct kvm_dirty_gfn entries, and where the next unread entry is."""
+
+    def __init__(self, mapping: mmap.mmap) -> None:
+        self.raw = memoryview(mapping)
+        self.words = self.raw.cast("I")  # entry i: flags at 4i, slot at 4i + 1
+        self.quads = self.raw.cast("Q")  # entry i: offset at 2i + 1
+        self.size = len(self.raw) // DIRTY_GFN.size
+        self.next = 0
+
+    def dirty_count(self) -> int:
+        """How many entries from `next` on (around the end if need be) KVM has filled: the run of DIRTY flags."""
+        raw, start, entry = self.raw, self.next, DIRTY_GFN.size
+        if not raw[start * entry] & DIRTY_GFN_DIRTY:
+            return 0
+        tail = raw[start * entry::entry].tobytes().translate(_DIRTY_BIT).find(0)
+        if tail >= 0:
+            return tail
+        head = raw[:start * entry:entry].tobytes().translate(_DIRTY_BIT).find(0)
+        return self.size - start + (start if head < 0 else head)
+
+    def release(self) -> None:
+        for view in (self.quads, self.words, self.raw):
+            view.release()
+
+
+def _add_pages(pages: list[int], slot_base: dict[int, int], slots: list[int], offsets: list[int]) -> None:
+    """Append the guest page of each (slot, offset) entry; those of a slot that no longer exists are dropped."""
+    if slots.count(slots[0]) == len(slots):  # the usual case: every entry is in one memslot
+        base = slot_base.get(slots[0])
+        if base is not None:
+            pages.extend([base + offset for offset in offsets])
+        return
+    for slot, offset in zip(slots, offsets, strict=True):
+        base = slot_base.get(slot)
+        if base is not None:
+            pages.append(base + offset)
 
 
 class DirtyTracker:
@@ -165,14 +202,12 @@ class DirtyTracker:
     def harvest(self) -> None:
         """Fetch (and reset) KVM's record and the host-written pages; give them to every subscriber."""
         with self.lock:
-            parts = self.source.harvest()
+            pages = self.source.harvest()
             if self._subscribers:
-                host = self._memory.take_tracked_pages()
-                if len(host):
-                    parts.append(host)
-            pages = np.unique(np.concatenate(parts)) if parts else _EMPTY
-            for subscriber in self._subscribers:
-                subscriber._add(pages)
+                pages |= self._memory.take_tracked_pages()
+            if pages:
+                for subscriber in self._subscribers:
+                    subscriber._add(pages)
 
     def unsubscribe(self, log: DirtyLog) -> None:
         with self.lock:

@@ -17,8 +17,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from pyrovisor.config import MAX_BALLOON_INTERVAL_S
 from pyrovisor.devices.virtio.device import ID_BALLOON, VirtioDevice
 from pyrovisor.devices.virtio.mmio import TransportState
@@ -107,7 +105,7 @@ class VirtioBalloonState:
     counters: BalloonCounters = field(default_factory=BalloonCounters)
     stats: BalloonStats | None = None
     stats_head: int | None = None  # the chain head of the statistics buffer the device holds
-    ballooned: bytes = b""  # zlib-compressed bitmap (numpy packbits) of the pages in the balloon, by PFN
+    ballooned: bytes = b""  # zlib-compressed bitmap of the pages in the balloon: PFN 8k + i is bit 7 - i of byte k
 
 
 @dataclass(frozen=True)
@@ -229,7 +227,7 @@ class VirtioBalloon(VirtioDevice):
         self._stats_wanted = self._stats_requested = False
         self._config_pending = False
         self.actual_pages = 0
-        self._ballooned = np.zeros(self._frames, dtype=np.bool_)
+        self._ballooned = bytearray(self._frames)
         if self._timer is not None:
             self._timer.arm(False)
 
@@ -259,47 +257,51 @@ class VirtioBalloon(VirtioDevice):
     def _index(self, role: Role) -> int | None:
         return self._roles.index(role) if role in self._roles else None
 
-    def _read_pfns(self, chain: DescriptorChain) -> tuple[np.ndarray, int]:
+    def _read_pfns(self, chain: DescriptorChain) -> tuple[list[int], int]:
         """The u32 PFNs in a request's device-readable buffers (device-writable ones carry nothing here), and how
         many more there were beyond MAX_PFNS_PER_CHAIN (not read: rejected)."""
-        parts = []
+        pfns: list[int] = []
         budget = MAX_PFNS_PER_CHAIN
         for buffer in chain.readable:
             count = min(buffer.length // 4, budget)
             if count:
                 raw = self.memory.read(buffer.address, 4 * count)  # a copy: the guest may rewrite its array
-                parts.append(np.frombuffer(raw, dtype="<u4").astype(np.int64))
+                pfns.extend(struct.unpack(f"<{count}I", raw))
                 budget -= count
         beyond = sum(buffer.length // 4 for buffer in chain.readable) - MAX_PFNS_PER_CHAIN + budget
-        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)), beyond
+        return pfns, beyond
 
-    def _in_ram(self, pfns: np.ndarray) -> np.ndarray:
-        inside = np.zeros(len(pfns), dtype=np.bool_)
-        for first, end in self._ram:
-            inside |= (pfns >= first) & (pfns < end)
-        return inside
+    def _in_ram(self, pfns: list[int]) -> list[int]:
+        """The distinct PFNs that are guest RAM, ascending."""
+        unique = set(pfns)
+        if len(self._ram) == 1:
+            first, end = self._ram[0]
+            return sorted(pfn for pfn in unique if first <= pfn < end)
+        return sorted(pfn for pfn in unique if any(first <= pfn < end for first, end in self._ram))
 
-    def _inflate(self, pfns: np.ndarray, beyond: int) -> None:
+    def _inflate(self, pfns: list[int], beyond: int) -> None:
         """Pages enter the balloon: each run of consecutive PFNs goes back to the host in one discard."""
         self.counters.inflate_requests += 1
-        unique = np.unique(pfns[self._in_ram(pfns)])
-        fresh = unique[~self._ballooned[unique]]
+        ballooned = self._ballooned
+        fresh = [pfn for pfn in self._in_ram(pfns) if not ballooned[pfn]]
         self.counters.inflate_rejected += len(pfns) - len(fresh) + beyond
-        if not len(fresh):
+        if not fresh:
             return
-        self._ballooned[fresh] = True
+        for pfn in fresh:
+            ballooned[pfn] = 1
         for first, count in _runs(fresh):
             self.memory.discard(first << PAGE_SHIFT, count << PAGE_SHIFT)
             self.counters.discard_calls += 1
         self.counters.inflated_pages += len(fresh)
         self.counters.inflated_bytes += len(fresh) << PAGE_SHIFT
 
-    def _deflate(self, pfns: np.ndarray, beyond: int) -> None:
+    def _deflate(self, pfns: list[int], beyond: int) -> None:
         """Pages leave the balloon; they were discarded, so they fault back in (as zeros) when the guest uses them."""
         self.counters.deflate_requests += 1
-        unique = np.unique(pfns[self._in_ram(pfns)])
-        held = unique[self._ballooned[unique]]
-        self._ballooned[held] = False
+        ballooned = self._ballooned
+        held = [pfn for pfn in self._in_ram(pfns) if ballooned[pfn]]
+        for pfn in held:
+            ballooned[pfn] = 0
         self.counters.deflated_pages += len(held)
         self.counters.deflate_rejected += len(pfns) - len(held) + beyond
 
@@ -403,7 +405,7 @@ class VirtioBalloon(VirtioDevice):
             negotiated = tuple(name for bit, name in ((F_STATS_VQ, "stats"), (F_DEFLATE_ON_OOM, "deflate-on-oom"),
                                                       (F_PAGE_REPORTING, "reporting"))
                                if self.active and self.driver_features & (1 << bit))
-            return BalloonStatus(self.target_pages, self.actual_pages, int(np.count_nonzero(self._ballooned)),
+            return BalloonStatus(self.target_pages, self.actual_pages, self._ballooned.count(1),
                                  self.active, negotiated, self.stats_interval_s,
                                  self.active and self._stats_head is not None, self.stats,
                                  dataclasses.replace(self.counters))
@@ -421,7 +423,7 @@ class VirtioBalloon(VirtioDevice):
 
     # --- persistence and release ------------------------------------------------------------------------------------
     def save_device(self, transport: TransportState) -> VirtioBalloonState:
-        bitmap = zlib.compress(np.packbits(self._ballooned).tobytes(), 1) if self._ballooned.any() else b""
+        bitmap = zlib.compress(_pack_bitmap(self._ballooned), 1) if 1 in self._ballooned else b""
         return VirtioBalloonState(transport, self.stats_interval_s, self.deflate_on_oom, self.target_pages,
                                   self.actual_pages, self._config_pending, dataclasses.replace(self.counters),
                                   self.stats, self._stats_head, bitmap)
@@ -458,17 +460,34 @@ def find_balloon(devices: Any) -> VirtioBalloon | None:
     return device if isinstance(device, VirtioBalloon) else None
 
 
-def _runs(pfns: np.ndarray) -> list[tuple[int, int]]:
+def _runs(pfns: list[int]) -> list[tuple[int, int]]:
     """(first, count) of each run of consecutive values in sorted, distinct `pfns`."""
-    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(pfns)]))
-    return [(int(pfns[start]), int(end - start)) for start, end in zip(starts, ends, strict=True)]
+    runs: list[list[int]] = []
+    for pfn in pfns:
+        if runs and runs[-1][0] + runs[-1][1] == pfn:
+            runs[-1][1] += 1
+        else:
+            runs.append([pfn, 1])
+    return [(first, count) for first, count in runs]
 
 
-def _unpack_bitmap(data: bytes, frames: int, name: str) -> np.ndarray:
+# The saved bitmap's bit order is numpy.packbits's (the format of existing snapshots): the first page of each byte is
+# its most significant bit, and the last byte is padded with zero bits. Through the binary digits of one int: a
+# page's flag byte (0 or 1) is its digit.
+_FLAG_TO_DIGIT = bytes.maketrans(b"\x00\x01", b"01")
+_DIGIT_TO_FLAG = bytes.maketrans(b"01", b"\x00\x01")
+
+
+def _pack_bitmap(flags: bytearray) -> bytes:
+    """One bit per frame (flags: one byte per frame, 0 or 1), most significant bit first."""
+    size = (len(flags) + 7) // 8
+    value = int(flags.translate(_FLAG_TO_DIGIT), 2) if flags else 0
+    return (value << (8 * size - len(flags))).to_bytes(size, "big")
+
+
+def _unpack_bitmap(data: bytes, frames: int, name: str) -> bytearray:
     if not data:
-        return np.zeros(frames, dtype=np.bool_)
+        return bytearray(frames)
     expected = (frames + 7) // 8
     inflater = zlib.decompressobj()
     try:
@@ -477,7 +496,8 @@ def _unpack_bitmap(data: bytes, frames: int, name: str) -> np.ndarray:
         raise DeviceError(name, f"saved balloon bitmap is damaged: {exc}") from None
     if len(packed) != expected or not inflater.eof:
         raise DeviceError(name, f"saved balloon bitmap covers {len(packed) * 8} pages, guest memory has {frames}")
-    return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=frames).astype(np.bool_)
+    digits = format(int.from_bytes(packed, "big"), f"0{8 * expected}b")[:frames]
+    return bytearray(digits.encode("ascii").translate(_DIGIT_TO_FLAG))
 
 
 # --- a timer on the I/O thread ---------------------------------------------------------------------------------------
