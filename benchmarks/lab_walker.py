@@ -5,8 +5,9 @@ For each synthetic pattern of `pyrovisor lab nested-paging` (default settings: 1
 batch walker simulates a trace of `--accesses` accesses, nested and native, and the straightforward
 reference walker (one access at a time, every entry read from simulated memory) simulates the first
 `--baseline-accesses` of the same trace in the same run. Both start from empty caches, so their counts
-on that prefix must be identical; the table says whether they are. Building the page tables (the
-guest mapping its memory) is not timed; everything the walk does is. The batch walker uses as many
+on that prefix must be identical; the table says whether they are. As in the model, the guest maps the
+whole footprint. Building the page tables (the guest mapping its memory) is not timed; everything the
+walk does is. The batch walker uses as many
 processes as it has CPUs for nested, walk-heavy traces ("procs"); the "1 proc" column forces one. The
 host under this machine is shared, so each rate is the best of `--repeat` runs.
 
@@ -19,6 +20,7 @@ import argparse
 import time
 from collections.abc import Callable
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -27,7 +29,7 @@ from pyrovisor.lab.mmu.config import MmuConfig
 from pyrovisor.lab.mmu.counts import WalkCounts
 from pyrovisor.lab.mmu.reference import ReferenceWalker
 from pyrovisor.lab.mmu.tables import build_machine
-from pyrovisor.lab.mmu.traces import PATTERNS, TraceSpec, synthetic
+from pyrovisor.lab.mmu.traces import PATTERNS, TraceSpec, footprint_pages, synthetic
 
 TARGET = 1e6  # simulated accesses per second
 
@@ -46,8 +48,9 @@ def best_rate(accesses: int, repeat: int, run: Callable[[], WalkCounts]) -> tupl
 def measure(pattern: str, accesses: int, baseline_accesses: int, repeat: int) -> tuple[str, ...]:
     """One table row: the batch walker's rates (nested, nested in one process, native) and the reference's."""
     config = MmuConfig()
-    trace = synthetic(TraceSpec(pattern, accesses=accesses))
-    machine = build_machine(trace)
+    spec = TraceSpec(pattern, accesses=accesses)
+    trace = synthetic(spec)
+    machine = build_machine(np.concatenate([footprint_pages(spec, config.guest.page_size), trace]))
     nested, counts = best_rate(len(trace), repeat, lambda: simulate(machine, config, trace))
     single, _ = best_rate(len(trace), repeat, lambda: simulate(machine, config, trace, workers=1))
     native, _ = best_rate(len(trace), repeat, lambda: simulate(machine, config.native(), trace))

@@ -218,7 +218,8 @@ def main() -> None:
     console.print(table)
     console.print("measured: the rate memdirty reported for its last second before the pause; RAM/s: guest memory "
                   "moved per second (zero pages travel as markers); data rate: page data sent per second of sending "
-                  "in round 0; model: the analytic pre-copy model with QEMU's switch-over rule and no resume time")
+                  "in round 0; model: the analytic pre-copy model with pyrovisor's stop rule (QEMU's switch-over "
+                  "test plus a 30-round cap) and no resume time")
     for line in verdicts:
         console.print(line)
     if qemu_missing is not None:

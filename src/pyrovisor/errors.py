@@ -119,3 +119,14 @@ class LifecycleError(PyrovisorError):
         self.state = state
         self.reason = reason
         super().__init__(f"cannot {request}: {reason} (the VM is {state})")
+
+
+class MissingExtraError(PyrovisorError):
+    """A command needs an optional part of pyrovisor (a pip extra) that is not installed."""
+
+    def __init__(self, command: str, extra: str, modules: tuple[str, ...]) -> None:
+        self.command = command
+        self.extra = extra
+        self.modules = modules
+        super().__init__(f"{command} needs {' and '.join(modules)}, which are not installed: "
+                         f"pip install 'pyrovisor[{extra}]'")

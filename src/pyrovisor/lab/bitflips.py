@@ -4,8 +4,8 @@ The same two calls are what pyrovisor's guest memory offers (`GuestMemory.read(g
 `GuestMemory.write(gpa, data)`), so a flip pattern computed by the Rowhammer model can be applied to a
 plain `bytearray` here and to a live guest's RAM later without change.
 
-`EccMemory` wraps such a memory with a SECDED (72,64) check byte per aligned 8-byte word (see `ecc.py`):
-writes encode, reads decode. Flips injected "under" it (in the data or in the check bits, as a DRAM
+`EccMemory` wraps such a memory with a SECDED (72,64) check byte per aligned 8-byte word (see `ecc.py`;
+the extended Hamming code by default, or `ecc.HSIAO`): writes encode, reads decode. Flips injected "under" it (in the data or in the check bits, as a DRAM
 disturbance would) are corrected on read and scrubbed back, or raise `MachineCheck` when detected but not
 correctable, or come back silently wrong when the code miscorrects: exactly what a guest would see.
 """
@@ -118,31 +118,44 @@ class EccMemory:
 
     `inject_data_flip` and `inject_check_flip` disturb stored cells without updating the check bits;
     `read` decodes, corrects (and scrubs) single errors, raises `MachineCheck` on detected double errors.
+    `code` is the SECDED code of the memory controller: `ecc.HAMMING` (default) or `ecc.HSIAO`.
     """
 
-    def __init__(self, backing: Memory, size: int) -> None:
+    def __init__(self, backing: Memory, size: int, code: ecc.SecdedCode = ecc.HAMMING) -> None:
         if size % WORD_BYTES:
             raise ValueError(f"ECC memory size must be a multiple of {WORD_BYTES} bytes")
         self.backing = backing
         self.size = size
+        self.code = code
         self.log = EccLog()
+        self._check_mask = sum(1 << p for p in code.check_positions)
+        self._data_bit_of_position = {position: bit for bit, position in enumerate(code.data_positions)}
+        self._check_index_of_position = {position: index for index, position in enumerate(code.check_positions)}
         self._check_bytes = bytearray(size // WORD_BYTES)
         for word in range(size // WORD_BYTES):
-            self._check_bytes[word] = _check_byte(self._load(word * WORD_BYTES))
+            self._check_bytes[word] = self._check_byte(self._load(word * WORD_BYTES))
 
     def _load(self, address: int) -> int:
         return int.from_bytes(self.backing.read(address, WORD_BYTES), "little")
 
+    def _check_byte(self, data: int) -> int:
+        """The 8 check bits of `data`'s codeword packed into a byte (bit i = check position i of the code)."""
+        codeword = self.code.encode(data)
+        return sum(((codeword >> position) & 1) << index for index, position in enumerate(self.code.check_positions))
+
+    def _spread_check_byte(self, check: int) -> int:
+        return sum(((check >> index) & 1) << position for index, position in enumerate(self.code.check_positions))
+
     def _codeword(self, address: int) -> int:
-        codeword = ecc.encode(self._load(address))
-        stored_check = _spread_check_byte(self._check_bytes[address // WORD_BYTES])
-        return (codeword & ~_CHECK_POSITIONS_MASK) | stored_check
+        codeword = self.code.encode(self._load(address))
+        stored_check = self._spread_check_byte(self._check_bytes[address // WORD_BYTES])
+        return (codeword & ~self._check_mask) | stored_check
 
     def read(self, address: int, size: int, /) -> bytes:
         out = bytearray()
         first = address - address % WORD_BYTES
         for word_address in range(first, address + size, WORD_BYTES):
-            decoded = ecc.decode(self._codeword(word_address))
+            decoded = self.code.decode(self._codeword(word_address))
             if decoded.data is None:
                 self.log.uncorrected += 1
                 raise MachineCheck(word_address, decoded.syndrome)
@@ -157,44 +170,31 @@ class EccMemory:
         self.backing.write(address, data)
         first = address - address % WORD_BYTES
         for word_address in range(first, address + len(data), WORD_BYTES):
-            self._check_bytes[word_address // WORD_BYTES] = _check_byte(self._load(word_address))
+            self._check_bytes[word_address // WORD_BYTES] = self._check_byte(self._load(word_address))
 
     def _store(self, address: int, data: int) -> None:
         self.backing.write(address, data.to_bytes(WORD_BYTES, "little"))
-        self._check_bytes[address // WORD_BYTES] = _check_byte(data)
+        self._check_bytes[address // WORD_BYTES] = self._check_byte(data)
 
     def inject_data_flip(self, flip: BitFlip) -> AppliedFlip:
         """Flip a stored data bit behind the ECC's back (a disturbance error in a data cell)."""
         return inject(self.backing, [flip])[0]
 
     def inject_check_flip(self, word_address: int, check_bit: int) -> None:
-        """Flip one of the 8 stored check bits of the word at `word_address` (0 = overall parity bit)."""
+        """Flip one of the 8 stored check bits of the word at `word_address` (in the order of
+        `code.check_positions`; for the Hamming layout 0 is the overall parity bit)."""
         if not 0 <= check_bit < 8:
             raise ValueError("a word has 8 check bits (0..7)")
         self._check_bytes[word_address // WORD_BYTES] ^= 1 << check_bit
 
     def inject_codeword_flips(self, word_address: int, positions: Sequence[int]) -> None:
-        """Flip codeword positions (0..71, as in `ecc.py`) of one word: data cells or check cells."""
+        """Flip codeword positions (0..71, as the code numbers them) of one word: data cells or check cells."""
         data_flips = []
         for position in positions:
-            if position in _DATA_BIT_OF_POSITION:
-                data_flips.append(_DATA_BIT_OF_POSITION[position])
+            if position in self._data_bit_of_position:
+                data_flips.append(self._data_bit_of_position[position])
+            elif position in self._check_index_of_position:
+                self.inject_check_flip(word_address, self._check_index_of_position[position])
             else:
-                self.inject_check_flip(word_address, _CHECK_INDEX_OF_POSITION[position])
+                raise ValueError(f"bit position {position} is outside a 72-bit codeword")
         inject(self.backing, flips_from_positions(word_address, data_flips))
-
-
-_CHECK_ORDER = (ecc.OVERALL_PARITY_POSITION, *ecc.CHECK_POSITIONS)
-_CHECK_INDEX_OF_POSITION = {position: index for index, position in enumerate(_CHECK_ORDER)}
-_DATA_BIT_OF_POSITION = {position: bit for bit, position in enumerate(ecc.DATA_POSITIONS)}
-_CHECK_POSITIONS_MASK = sum(1 << p for p in _CHECK_ORDER)
-
-
-def _check_byte(data: int) -> int:
-    """The 8 check bits of `data`'s codeword packed into a byte (bit i = check position _CHECK_ORDER[i])."""
-    codeword = ecc.encode(data)
-    return sum(((codeword >> position) & 1) << index for index, position in enumerate(_CHECK_ORDER))
-
-
-def _spread_check_byte(check: int) -> int:
-    return sum(((check >> index) & 1) << position for index, position in enumerate(_CHECK_ORDER))

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from pyrovisor.lab.stats import Estimate
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -26,12 +28,26 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Assumption:
+    """A constant the model takes as given rather than derives: its value and where the value comes from."""
+
+    name: str
+    value: object
+    basis: str  # "assumed", or the source it is taken from
+
+
+@dataclass(frozen=True)
 class LabResult:
-    """What a model run produces. `plot` draws into a matplotlib Figure when the user asks for `--plot`."""
+    """What a model run produces. `plot` draws into a matplotlib Figure when the user asks for `--plot`.
+
+    `headline` names the figures a reader looks at first (what `--sweep` follows); `assumptions` lists the
+    constants behind them. Both go into `--json` with the inputs and every table."""
 
     tables: tuple[Table, ...]
     plot: Callable[[Figure], None] | None = None
     summary: tuple[str, ...] = field(default=())
+    headline: tuple[tuple[str, float | Estimate], ...] = ()
+    assumptions: tuple[Assumption, ...] = ()
 
 
 class LabModel(Protocol):
@@ -47,8 +63,8 @@ class LabModel(Protocol):
 
 def format_number(value: object, digits: int = 4) -> str:
     """Render table cells: floats to `digits` significant figures, everything else with str()."""
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
+    if isinstance(value, float | Estimate):
+        return format(value, f".{digits}g")
     return str(value)
 
 

@@ -20,6 +20,9 @@ EPT violation that the VMM answers, for example by showing other bytes. Hypervis
 rootkits use exactly this split view; a VMM that audits its own EPT can list such pages. The audit also
 flags writable+executable pages (code that can be rewritten in place) and misconfigured entries.
 
+The synthetic guest (kernel text r-x, rodata r--, the rest rw- with random holes, and planted anomalies at
+random places) is drawn once per seed; the finding counts do not depend on the seed, the holes do.
+
 Source: Intel 64 and IA-32 Architectures Software Developer's Manual, Volume 3C: System Programming
 Guide, section 28.2.3.1 (EPT Misconfigurations) and Appendix A.10 (VPID and EPT Capabilities).
 """
@@ -29,15 +32,16 @@ from __future__ import annotations
 import argparse
 import enum
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pyrovisor.errors import ConfigError
-from pyrovisor.lab.model import LabResult, Table
+from pyrovisor.lab.model import Assumption, LabResult, Table
+from pyrovisor.lab.stats import Estimate, add_seed_arguments, estimate, seeds_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -129,6 +133,9 @@ class AuditReport:
     def count(self, finding: Finding) -> int:
         return len(self.findings[finding])
 
+    def findings_counts(self) -> tuple[int, ...]:
+        return tuple(len(gpas) for gpas in self.findings.values())
+
 
 def audit(table: Iterable[Mapping], execute_only_supported: bool = True) -> AuditReport:
     """Find execute-only pages, writable+executable pages and misconfigured entries in a permission table."""
@@ -211,31 +218,105 @@ class PermissionAuditModel:
     summary = "EPT R/W/X combinations (misconfigurations, execute-only) and an audit for invisible code"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        d = GuestLayout()
         parser.add_argument("--table", type=Path, default=None,
                             help="permission table file, lines 'gpa r-x' (default: a synthetic 64 MiB guest)")
         parser.add_argument("--no-execute-only", action="store_true",
                             help="processor without the execute-only capability (IA32_VMX_EPT_VPID_CAP bit 0 = 0)")
-        parser.add_argument("--pages", type=int, default=16384, help="synthetic guest size in 4 KiB pages")
-        parser.add_argument("--hidden-pages", type=int, default=6, help="execute-only pages to plant")
-        parser.add_argument("--seed", type=int, default=3)
+        synthetic = parser.add_argument_group("synthetic guest (ignored with --table)")
+        synthetic.add_argument("--pages", type=int, default=d.pages,
+                               help="guest size in 4 KiB pages (default: %(default)s)")
+        synthetic.add_argument("--kernel-text-pages", type=int, default=d.kernel_text_pages,
+                               help="kernel text, r-x (default: %(default)s)")
+        synthetic.add_argument("--kernel-rodata-pages", type=int, default=d.kernel_rodata_pages,
+                               help="kernel read-only data, r-- (default: %(default)s)")
+        synthetic.add_argument("--unmapped-share", type=float, default=d.unmapped_share,
+                               help="share of the rest left unmapped, at random (default: %(default)s)")
+        synthetic.add_argument("--hidden-pages", type=int, default=d.hidden_code_pages,
+                               help="execute-only pages to plant (default: %(default)s)")
+        synthetic.add_argument("--wx-pages", type=int, default=d.write_execute_pages,
+                               help="rwx pages to plant (default: %(default)s)")
+        synthetic.add_argument("--misconfigured-pages", type=int, default=d.misconfigured_pages,
+                               help="-w- / -wx entries to plant (default: %(default)s)")
+        add_seed_arguments(parser, first=d.seed)  # the synthetic guest's layouts; ignored with --table
 
     def run(self, args: argparse.Namespace) -> LabResult:
         supported = not args.no_execute_only
         if args.table is not None:
             table = load_table(args.table)
+            report = audit(table, supported)
+            audits = [report]
             source = str(args.table)
+            layout = None
         else:
-            table = synthetic_table(GuestLayout(pages=args.pages, hidden_code_pages=args.hidden_pages,
-                                                seed=args.seed))
-            source = f"synthetic guest, {args.pages} pages"
-        report = audit(table, supported)
-        return LabResult(
-            tables=(combinations_table(), audit_table(report, source, supported), findings_table(report)),
-            plot=lambda figure: plot(figure, table, supported),
-            summary=(f"{report.count(Finding.EXECUTE_ONLY)} execute-only (invisible) pages, "
-                     f"{report.count(Finding.WRITE_EXECUTE)} writable+executable, "
-                     f"{report.count(Finding.MISCONFIGURED)} misconfigured, among {report.pages} entries",),
+            layout = layout_of(args)
+            tables = [synthetic_table(replace(layout, seed=seed)) for seed in seeds_of(args)]
+            audits = [audit(t, supported) for t in tables]
+            table, report = tables[0], audits[0]
+            source = f"synthetic guest, {args.pages} pages, {len(audits)} seeds"
+        headline: tuple[tuple[str, float | Estimate], ...] = (
+            ("execute-only pages", _over(audits, lambda a: a.count(Finding.EXECUTE_ONLY))),
+            ("writable+executable pages", _over(audits, lambda a: a.count(Finding.WRITE_EXECUTE))),
+            ("misconfigured pages", _over(audits, lambda a: a.count(Finding.MISCONFIGURED))),
+            ("unmapped pages", _over(audits, lambda a: a.by_permission.get("---", 0))),
         )
+        summary = [f"{report.count(Finding.EXECUTE_ONLY)} execute-only (invisible) pages, "
+                   f"{report.count(Finding.WRITE_EXECUTE)} writable+executable, "
+                   f"{report.count(Finding.MISCONFIGURED)} misconfigured, among {report.pages} entries"]
+        if len(audits) > 1:
+            same = all(a.findings_counts() == report.findings_counts() for a in audits)
+            summary.append(f"the same counts in all {len(audits)} seeds' layouts" if same
+                           else f"the counts differ between the {len(audits)} seeds' layouts: see the headline")
+        return LabResult(
+            tables=(combinations_table(), audit_table(audits, source, supported), findings_table(report)),
+            plot=lambda figure: plot(figure, table, supported),
+            summary=tuple(summary),
+            headline=headline,
+            assumptions=assumptions(layout, supported, args.table),
+        )
+
+
+def layout_of(args: argparse.Namespace) -> GuestLayout:
+    if not 0 <= args.unmapped_share < 1:
+        raise ConfigError("--unmapped-share", args.unmapped_share, "is a share, from 0 up to (not including) 1")
+    counts = {"--pages": args.pages, "--kernel-text-pages": args.kernel_text_pages,
+              "--kernel-rodata-pages": args.kernel_rodata_pages, "--hidden-pages": args.hidden_pages,
+              "--wx-pages": args.wx_pages, "--misconfigured-pages": args.misconfigured_pages}
+    for option, value in counts.items():
+        if value < 0:
+            raise ConfigError(option, value, "is a number of pages, not negative")
+    return GuestLayout(pages=args.pages, kernel_text_pages=args.kernel_text_pages,
+                       kernel_rodata_pages=args.kernel_rodata_pages, hidden_code_pages=args.hidden_pages,
+                       write_execute_pages=args.wx_pages, misconfigured_pages=args.misconfigured_pages,
+                       unmapped_share=args.unmapped_share, seed=args.seed)
+
+
+def _over(audits: Sequence[AuditReport], count: Callable[[AuditReport], int]) -> float | Estimate:
+    """A count from one audit, or its mean and 95 % interval over the seeds' layouts."""
+    values = [float(count(a)) for a in audits]
+    return values[0] if len(values) == 1 else estimate(values)
+
+
+def assumptions(layout: GuestLayout | None, supported: bool, table: Path | None) -> tuple[Assumption, ...]:
+    sdm = "Intel SDM Vol. 3C 28.2.3.1 (EPT Misconfigurations)"
+    rules = (
+        Assumption("write without read (010b, 110b)", "misconfiguration", sdm),
+        Assumption("execute-only (100b)", "legal only with IA32_VMX_EPT_VPID_CAP bit 0",
+                   "Intel SDM Vol. 3C Appendix A.10"),
+        Assumption("execute-only capability", supported, "assumed (--no-execute-only for a processor without it)"),
+        Assumption("page size KiB", PAGE_SIZE // 1024, "assumed (4 KiB leaf entries only; no large pages)"),
+    )
+    if layout is None:
+        return (*rules, Assumption("permission table", str(table), "given (--table)"))
+    synthetic = "assumed (synthetic guest layout, illustrative)"
+    return (*rules,
+            Assumption("guest pages", layout.pages, synthetic),
+            Assumption("kernel text pages (r-x)", layout.kernel_text_pages, synthetic),
+            Assumption("kernel rodata pages (r--)", layout.kernel_rodata_pages, synthetic),
+            Assumption("unmapped share", layout.unmapped_share, synthetic),
+            Assumption("planted execute-only pages", layout.hidden_code_pages, synthetic),
+            Assumption("planted rwx pages", layout.write_execute_pages, synthetic),
+            Assumption("planted misconfigured entries", layout.misconfigured_pages, synthetic))
 
 
 def combinations_table() -> Table:
@@ -258,10 +339,18 @@ def combinations_table() -> Table:
     )
 
 
-def audit_table(report: AuditReport, source: str, supported: bool) -> Table:
-    rows = tuple((perm, count, classify(parse_permissions(perm), supported).value)
-                 for perm, count in report.by_permission.items())
-    return Table(title=f"Permission table: {source}", columns=("perm", "pages", "processor sees"), rows=rows)
+def audit_table(audits: Sequence[AuditReport], source: str, supported: bool) -> Table:
+    """Pages per permission; over several seeds (layouts), the mean and 95 % interval (one number if it never moves)."""
+    permissions = sorted({perm for report in audits for perm in report.by_permission})
+    rows = []
+    for perm in permissions:
+        counts = [float(report.by_permission.get(perm, 0)) for report in audits]
+        pages: object = estimate(counts) if len(audits) > 1 else int(counts[0])
+        rows.append((perm, pages, classify(parse_permissions(perm), supported).value))
+    notes = ("pages: mean [95% CI] over the seeds' layouts where they differ (only the unmapped holes are random; "
+             "the planted pages are placed at random but always counted in full).",) if len(audits) > 1 else ()
+    return Table(title=f"Permission table: {source}", columns=("perm", "pages", "processor sees"), rows=tuple(rows),
+                 notes=notes)
 
 
 def findings_table(report: AuditReport, shown: int = 4) -> Table:

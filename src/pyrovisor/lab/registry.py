@@ -31,8 +31,8 @@ MODELS: dict[str, ModelEntry] = {
                                                  "line vs separate lines"),
     "iommu": ModelEntry("iommu", "Nested (two-stage) vs shadow IOMMU translation: cost per map/unmap vs per DMA, "
                                  "and the crossover"),
-    "mixed-criticality": ModelEntry("mixed_criticality", "Priority inversion with a shared lock: none vs inheritance "
-                                                         "vs ceiling, simulated and analysed"),
+    "mixed-criticality": ModelEntry("mixed_criticality", "Priority inversion (none, inheritance, ceiling, immediate "
+                                                         "ceiling) and AMC mixed criticality, simulated and analysed"),
     "nested-paging": ModelEntry("nested_paging", "Nested (2-D) page walks on a software MMU: references per walk, "
                                                  "walks per access, QPS model"),
     "permissions": ModelEntry("permissions", "EPT R/W/X combinations (misconfigurations, execute-only) and an audit "

@@ -60,6 +60,16 @@ def plot_path(text: str) -> Path:
     return path
 
 
+def csv_directory(text: str) -> Path:
+    """argparse type of --csv: an existing, writable directory."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: not an existing directory")
+    if not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: directory is not writable")
+    return path
+
+
 def save_plot(result: LabResult, path: Path) -> None:
     """Draw the result's plot into a PNG, SVG or PDF file, by the suffix (headless backend)."""
     if result.plot is None:

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pyrovisor.lab import ecc
 from pyrovisor.lab.bitflips import (
     BitFlip,
     BufferMemory,
@@ -55,9 +56,9 @@ def test_guest_memory_satisfies_the_protocol() -> None:
         memory.close()
 
 
-def _ecc_memory(size: int = 64) -> tuple[bytearray, EccMemory]:
+def _ecc_memory(size: int = 64, code: ecc.SecdedCode = ecc.HAMMING) -> tuple[bytearray, EccMemory]:
     buffer = bytearray(range(size))
-    return buffer, EccMemory(BufferMemory(buffer), size)
+    return buffer, EccMemory(BufferMemory(buffer), size, code)
 
 
 def test_single_flip_is_corrected_and_scrubbed() -> None:
@@ -100,3 +101,28 @@ def test_writes_keep_check_bits_current() -> None:
     memory.write(3, b"\xff\xfe\xfd\xfc\xfb\xfa\xf9")
     memory.inject_data_flip(BitFlip(4, 0))
     assert memory.read(0, 16) == bytes([0, 1, 2, 0xFF, 0xFE, 0xFD, 0xFC, 0xFB, 0xFA, 0xF9]) + bytes(range(10, 16))
+
+
+@pytest.mark.parametrize("code", [ecc.HAMMING, ecc.HSIAO], ids=lambda c: c.key)
+def test_every_single_codeword_flip_is_corrected_under_either_code(code: ecc.SecdedCode) -> None:
+    for position in range(ecc.CODEWORD_BITS):
+        buffer, memory = _ecc_memory(16, code)
+        memory.inject_codeword_flips(8, [position])
+        assert memory.read(0, 16) == bytes(range(16)), position
+        assert memory.log.corrected == 1 and buffer == bytearray(range(16))
+
+
+def test_hsiao_memory_detects_a_double_flip_and_miscorrects_a_triple() -> None:
+    _, memory = _ecc_memory(code=ecc.HSIAO)
+    memory.inject_codeword_flips(24, [1, 70])  # a data cell and a check cell
+    with pytest.raises(MachineCheck):
+        memory.read(24, 8)
+    memory.inject_codeword_flips(40, [0, 1, 2])  # their columns XOR to check bit 0's: see test_ecc
+    assert memory.read(40, 8) != bytes(range(40, 48))
+    assert (memory.log.corrected, memory.log.uncorrected) == (1, 1)
+
+
+def test_codeword_positions_outside_a_word_are_refused() -> None:
+    _, memory = _ecc_memory()
+    with pytest.raises(ValueError):
+        memory.inject_codeword_flips(0, [72])

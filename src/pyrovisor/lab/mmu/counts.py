@@ -6,6 +6,11 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+# Kinds of memory reference in a reference stream (`batch.reference_stream`, `ReferenceWalker(record=True)`).
+GUEST_REFERENCE = 0  # a guest (or native) page-table entry read
+NESTED_REFERENCE = 1  # an EPT entry read
+DATA_ACCESS = 2  # the access itself, after its translation
+
 
 @dataclass(frozen=True)
 class WalkCounts:

@@ -15,6 +15,18 @@ from pyrovisor.lab.mmu.x86 import ENTRIES_PER_TABLE, ENTRY_BYTES, FRAME_SHIFT
 WORD_MASK = ENTRIES_PER_TABLE - 1
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of an integer array, by sorting: np.unique on NumPy 2.4 takes a hash-table
+    path that is about a hundred times slower on large arrays of random int64 values."""
+    ordered = np.sort(np.asarray(values).ravel())
+    if len(ordered) == 0:
+        return ordered
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
 class PhysicalMemory:
     """A physical address space whose backed frames are rows of `words` (uint64, 512 per frame)."""
 
@@ -32,7 +44,7 @@ class PhysicalMemory:
     def back(self, frames: np.ndarray) -> np.ndarray:
         """Give every frame in `frames` a zeroed row if it has none; return the rows, in order."""
         frames = np.asarray(frames, dtype=np.int64)
-        for frame in np.unique(frames).tolist():
+        for frame in distinct(frames).tolist():
             if frame not in self._row_of:
                 self._row_of[frame] = len(self._frames)
                 self._frames.append(frame)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pyrovisor.arch.x86_64.paging import TranslationFault
 from pyrovisor.lab.mmu.caches import LruCache
 from pyrovisor.lab.mmu.config import MmuConfig
-from pyrovisor.lab.mmu.counts import WalkCounts
+from pyrovisor.lab.mmu.counts import DATA_ACCESS, GUEST_REFERENCE, NESTED_REFERENCE, WalkCounts
 from pyrovisor.lab.mmu.memory import PhysicalMemory
 from pyrovisor.lab.mmu.tables import EPT_FORMAT, GUEST_FORMAT, EntryFormat, Machine
 from pyrovisor.lab.mmu.x86 import ADDRESS_MASK, ENTRIES_PER_TABLE, LARGE_BIT, PagingSide
@@ -28,7 +28,7 @@ INDEX_MASK = ENTRIES_PER_TABLE - 1
 class ReferenceWalker:
     """An MMU walking `machine`'s tables with the caches `config` describes."""
 
-    def __init__(self, machine: Machine, config: MmuConfig) -> None:
+    def __init__(self, machine: Machine, config: MmuConfig, record: bool = False) -> None:
         self.machine = machine
         self.config = config
         self.memory: PhysicalMemory = machine.host_memory if config.nested else machine.native_memory
@@ -41,6 +41,8 @@ class ReferenceWalker:
         self.accesses = self.walks = self.guest_references = self.nested_references = 0
         self.nested_lookups = self.nested_walks = 0
         self.histogram: list[int] = []
+        # With record=True: every reference in order, as (kind, physical address); kinds as in `counts`.
+        self.recorded: list[tuple[int, int]] | None = [] if record else None
 
     def access(self, virtual: int) -> int:
         """Translate one virtual address to a (host-)physical one, counting what it costs."""
@@ -50,6 +52,7 @@ class ReferenceWalker:
         offset = virtual & ((1 << self._tlb_shift) - 1)
         frame = self.tlb.lookup(key)
         if frame is not None:
+            self._record(DATA_ACCESS, frame | offset)
             return frame | offset
         self.walks += 1
         before = self.guest_references + self.nested_references
@@ -59,6 +62,7 @@ class ReferenceWalker:
         if made >= len(self.histogram):
             self.histogram.extend([0] * (made + 1 - len(self.histogram)))
         self.histogram[made] += 1
+        self._record(DATA_ACCESS, physical)
         return physical
 
     def run(self, trace: Iterable[int]) -> WalkCounts:
@@ -118,10 +122,16 @@ class ReferenceWalker:
         level = side.table_levels[depth]
         entry_address = table + 8 * ((address >> level.shift) & INDEX_MASK)
         entry = self.memory.read(entry_address)
+        self._record(NESTED_REFERENCE if entry_format is EPT_FORMAT else GUEST_REFERENCE, entry_address)
         maps_page = depth == side.leaf and depth < len(side.table_levels) - 1
         if not entry & entry_format.present_bits or bool(entry & LARGE_BIT) != maps_page:
             raise TranslationFault(address, f"{entry_format.name} {level.name}", entry_address)
         return entry
+
+
+    def _record(self, kind: int, address: int) -> None:
+        if self.recorded is not None:
+            self.recorded.append((kind, address))
 
 
 def _cached_start(caches: list[LruCache], side: PagingSide, address: int) -> tuple[int, int | None]:

@@ -1,9 +1,10 @@
-"""Page tables for the pages a trace touches: the guest's x86-64 tables and the host's EPT, built in memory.
+"""Page tables for a set of pages: the guest's x86-64 tables and the host's EPT, built in memory.
 
-The guest maps every page the trace touches (at its page size) to a guest-physical frame chosen at
-random, as a guest whose physical memory has been in use for a while; its tables are allocated from a
-contiguous guest-physical area, root first. The host's EPT maps every guest-physical page that holds a
-guest table or touched data (at the host's page size) to a random host-physical frame, and its own
+The guest maps every page it is given (at its page size: the pages a trace touches, or every page of
+a footprint the program has allocated) to a guest-physical frame chosen at random, as a guest whose
+physical memory has been in use for a while; its tables are allocated from a contiguous
+guest-physical area, root first. The host's EPT maps every guest-physical page that holds a guest
+table or mapped data (at the host's page size) to a random host-physical frame, and its own
 tables come from a host-physical area. The guest's tables then live, word for word, in the host frames
 the EPT maps them to, which is where a nested walk reads them. The same guest tables at their
 guest-physical addresses serve as a bare-metal machine for the native comparison.
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyrovisor.arch.x86_64.paging import TranslationFault
-from pyrovisor.lab.mmu.memory import PhysicalMemory
+from pyrovisor.lab.mmu.memory import PhysicalMemory, distinct
 from pyrovisor.lab.mmu.x86 import (
     ADDRESS_MASK,
     ENTRIES_PER_TABLE,
@@ -57,7 +58,7 @@ EPT_FORMAT = EntryFormat("EPT", int(EPT_TABLE_BITS), int(EPT_LEAF_BITS), PRESENT
 def table_count(side: PagingSide, pages: np.ndarray) -> int:
     """Tables needed to map `pages` (page numbers at the side's page size): the root plus one per prefix."""
     addresses = pages << side.page_shift
-    return 1 + sum(len(np.unique(addresses >> (level.shift + 9))) for level in side.table_levels[1: side.leaf + 1])
+    return 1 + sum(len(distinct(addresses >> (level.shift + 9))) for level in side.table_levels[1: side.leaf + 1])
 
 
 def build_radix(memory: PhysicalMemory, side: PagingSide, entry_format: EntryFormat, pages: np.ndarray,
@@ -73,8 +74,8 @@ def build_radix(memory: PhysicalMemory, side: PagingSide, entry_format: EntryFor
     next_frame = first_frame + 1
     frames = [np.array([first_frame], dtype=np.int64)]
     for level in levels[1: side.leaf + 1]:
-        prefixes, inverse = np.unique(addresses >> (level.shift + 9), return_inverse=True)
-        level_tables.append(next_frame + inverse.astype(np.int64))
+        prefixes = distinct(addresses >> (level.shift + 9))
+        level_tables.append(next_frame + np.searchsorted(prefixes, addresses >> (level.shift + 9)).astype(np.int64))
         frames.append(np.arange(next_frame, next_frame + len(prefixes), dtype=np.int64))
         next_frame += len(prefixes)
     all_frames = np.concatenate(frames)
@@ -173,10 +174,11 @@ class Machine:
 
 def build_machine(virtual: np.ndarray, guest: PagingSide = FOUR_LEVELS, host: PagingSide = FOUR_LEVELS,
                   seed: int = 0) -> Machine:
-    """Map every page `virtual` touches in a guest, and the guest's memory in a host's EPT."""
+    """Map every page `virtual` touches in a guest, and the guest's memory in a host's EPT (to map a whole
+    footprint, include one address per page of it: `traces.footprint_pages`)."""
     rng = np.random.default_rng(seed)
     virtual = np.asarray(virtual, dtype=np.int64) & ((1 << guest.address_bits) - 1)
-    pages = np.unique(virtual >> guest.page_shift)
+    pages = distinct(virtual >> guest.page_shift)
 
     guest_tables = table_count(guest, pages)
     table_end = GUEST_TABLE_AREA + guest_tables * (1 << FRAME_SHIFT)
@@ -189,7 +191,7 @@ def build_machine(virtual: np.ndarray, guest: PagingSide = FOUR_LEVELS, host: Pa
     native_view = TableView(int(table_frames[0]), native_memory.rows_of(table_frames))
 
     _, data_guest_physical = walk_many(native_view.rows_of, native_memory.words, cr3, virtual, guest, GUEST_FORMAT)
-    host_pages = np.unique(np.concatenate([data_guest_physical >> host.page_shift,
+    host_pages = distinct(np.concatenate([data_guest_physical >> host.page_shift,
                                            (table_frames << FRAME_SHIFT) >> host.page_shift]))
     host_slots = rng.choice(2 * len(host_pages), size=len(host_pages), replace=False).astype(np.int64)
     host_base = _align_up(HOST_TABLE_AREA + table_count(host, host_pages) * (1 << FRAME_SHIFT),

@@ -46,7 +46,7 @@ class TraceSpec:
         if self.accesses < 1 or self.footprint < LINE or self.stride < 1:
             raise ConfigError("trace", self, "accesses, footprint and stride must be positive")
         if not 0.0 <= self.hot_fraction <= 1.0 or not 0 < self.hot_bytes <= self.footprint:
-            raise ConfigError("--hot-fraction/--hot-size", (self.hot_fraction, self.hot_bytes),
+            raise ConfigError("--hot-fraction/--hot-mib", (self.hot_fraction, self.hot_bytes),
                               "the hot fraction is in [0, 1] and the hot region lies inside the footprint")
 
     def describe(self) -> str:
@@ -79,6 +79,15 @@ def synthetic(spec: TraceSpec) -> np.ndarray:
                            rng.integers(0, spec.footprint // WORD, n, dtype=np.int64)) * WORD
     trace: np.ndarray = spec.base + offsets
     return trace
+
+
+def footprint_pages(spec: TraceSpec, page_size: int) -> np.ndarray:
+    """The virtual address of every page of `page_size` bytes that the spec's footprint overlaps: what a
+    program that allocated the footprint has mapped, whichever of its pages a trace happens to touch."""
+    first = spec.base // page_size
+    last = (spec.base + spec.footprint - 1) // page_size
+    pages: np.ndarray = np.arange(first, last + 1, dtype=np.int64) * page_size
+    return pages
 
 
 def load_trace(path: Path) -> np.ndarray:
