@@ -240,11 +240,11 @@ class SeededRuns:
 
     def figure(self, series: str, epoch: int, vm: int) -> Estimate:
         """One value of a Timeline series (allocation, estimate, target) over the seeds."""
-        return _rounded(estimate([float(getattr(t, series)[epoch, vm]) for t in self.timelines]))
+        return estimate([float(getattr(t, series)[epoch, vm]) for t in self.timelines]).rounded(1)
 
     def mean_estimate(self, start: int, stop: int, vm: int) -> Estimate:
         """A VM's sampled working set, averaged over periods start..stop-1, over the seeds."""
-        return _rounded(estimate([float(np.mean(t.estimate[start:stop, vm])) for t in self.timelines]))
+        return estimate([float(np.mean(t.estimate[start:stop, vm])) for t in self.timelines]).rounded(1)
 
     def band(self, series: str, vm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Mean, low and high of a series over the seeds, for every epoch (for the plot)."""
@@ -252,10 +252,6 @@ class SeededRuns:
         figures = [estimate([float(v) for v in stack[:, epoch]]) for epoch in range(stack.shape[1])]
         return (np.array([f.mean for f in figures]), np.array([f.low for f in figures]),
                 np.array([f.high for f in figures]))
-
-
-def _rounded(value: Estimate, digits: int = 1) -> Estimate:
-    return Estimate(round(value.mean, digits), round(value.low, digits), round(value.high, digits), value.n)
 
 
 def simulate_seeds(scenario: Scenario, seeds: Sequence[int]) -> SeededRuns:
@@ -419,7 +415,7 @@ def _summary(runs: SeededRuns) -> tuple[str, ...]:
             f"{idle[2]:.4g} MB once busy (mean [95 % interval] of {len(runs.timelines)} seeds)",
             f"its sampled working set under the tax: {runs.mean_estimate(TAX_FROM_EPOCH, TAXED_EPOCH, 0):.4g} MB "
             f"(true: {scenario.vms[0].working_set_at(TAX_FROM_EPOCH):g} MB)",
-            f"periods with a VM below its protected working set (balloon still moving): {_rounded(estimate(below)):.4g}")
+            f"periods with a VM below its protected working set (balloon still moving): {estimate(below).rounded(1):.4g}")
 
 
 def plot(figure: Figure, runs: SeededRuns) -> None:

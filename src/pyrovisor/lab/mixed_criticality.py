@@ -818,7 +818,7 @@ class MixedCriticalityModel:
         headline: tuple[tuple[str, float | Estimate], ...] = (
             ("brake R none ms", _ms_or_nan(analyses[Protocol.NONE]["brake"].response)),
             ("brake R immediate ms", _ms_or_nan(analyses[Protocol.IMMEDIATE]["brake"].response)),
-            ("brake sim none ms", _ms_estimate(brake_none)),
+            ("brake sim none ms", brake_none.divided_by(TICKS_PER_MS)),
             ("stability R* AMC ms", _ms_or_nan(amc["stability"].response_amc)),
         )
         trace_amc = simulate(every_hi, amc_protocol, hyperperiod(tasks), lambda task, release: task.name == "stability"
@@ -869,10 +869,6 @@ def _ms_or_nan(ticks: int | None) -> float:
     return math.nan if ticks is None else ticks / TICKS_PER_MS
 
 
-def _ms_estimate(value: Estimate) -> Estimate:
-    return Estimate(value.mean / TICKS_PER_MS, value.low / TICKS_PER_MS, value.high / TICKS_PER_MS, value.n)
-
-
 def _inversion_rows(tasks: Sequence[Task], analyses: dict[Protocol, dict[str, Analysis]],
                     critical: dict[Protocol, SimulationResult], runs: Sequence[SeedRun]) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
@@ -886,7 +882,7 @@ def _inversion_rows(tasks: Sequence[Task], analyses: dict[Protocol, dict[str, An
             per_seed = estimate([float(r.inversion[protocol][task.name].worst_response) for r in runs])
             misses = estimate([float(r.inversion[protocol][task.name].misses) for r in runs])
             rows.append((protocol.value, task.name, _ms(a.blocking), _ms(a.response), worst / TICKS_PER_MS,
-                         _ms_estimate(per_seed), blocked / TICKS_PER_MS, _ms(task.relative_deadline), misses))
+                         per_seed.divided_by(TICKS_PER_MS), blocked / TICKS_PER_MS, _ms(task.relative_deadline), misses))
     return rows
 
 
@@ -900,7 +896,7 @@ def _amc_rows(tasks: Sequence[Task], amc: dict[str, AmcAnalysis], amc_critical: 
                        + [r.amc[task.name].worst_response_lo_mode for r in runs])
         worst_hi = max([amc_critical[task.name].worst_response_hi_mode]
                        + [r.amc[task.name].worst_response_hi_mode for r in runs])
-        per_seed = _ms_estimate(estimate([float(r.amc[task.name].worst_response_hi_mode) for r in runs]))
+        per_seed = estimate([float(r.amc[task.name].worst_response_hi_mode) for r in runs]).divided_by(TICKS_PER_MS)
         misses = amc_critical[task.name].misses + sum(r.amc[task.name].misses for r in runs)
         misses_static = no_switch_critical[task.name].misses + sum(r.no_switch[task.name].misses for r in runs)
         dropped = estimate([float(r.amc[task.name].dropped) for r in runs])

@@ -327,8 +327,7 @@ class SimulatedFigures:
     runs: tuple[PrecopySimulation, ...]
 
     def _over(self, values: Sequence[float], digits: int) -> Estimate:
-        e = estimate(values)
-        return Estimate(round(e.mean, digits), round(e.low, digits), round(e.high, digits), e.n)
+        return estimate(values).rounded(digits)
 
     @property
     def rounds(self) -> Estimate:

@@ -525,18 +525,14 @@ def headline(experiment: Experiment) -> tuple[tuple[str, float | Estimate], ...]
     top = max(experiment.points, key=lambda p: p.disturbance)
     mib = experiment.slice.mebibytes
     codes = experiment.codes
-    figures.append(("flips/MiB at max", _scaled(top.flipped_bits[codes[0].key], 1 / mib)))
+    figures.append(("flips/MiB at max", top.flipped_bits[codes[0].key].divided_by(mib)))
     if len(codes) == 1:
-        figures.append(("MCE words/MiB at max", _scaled(top.detected[codes[0].key], 1 / mib)))
-        figures.append(("silent words/MiB at max", _scaled(top.silent[codes[0].key], 1 / mib)))
+        figures.append(("MCE words/MiB at max", top.detected[codes[0].key].divided_by(mib)))
+        figures.append(("silent words/MiB at max", top.silent[codes[0].key].divided_by(mib)))
     else:
-        figures.extend((f"silent words/MiB at max, {code.key}", _scaled(top.silent[code.key], 1 / mib))
+        figures.extend((f"silent words/MiB at max, {code.key}", top.silent[code.key].divided_by(mib))
                        for code in codes)
     return tuple(figures)
-
-
-def _scaled(value: Estimate, factor: float) -> Estimate:
-    return Estimate(value.mean * factor, value.low * factor, value.high * factor, value.n)
 
 
 def assumptions(experiment: Experiment, args: argparse.Namespace) -> tuple[Assumption, ...]:

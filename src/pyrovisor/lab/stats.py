@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (the standard table); above 30, the normal's.
@@ -29,9 +29,12 @@ class Estimate:
     high: float
     n: int
 
-    @property
-    def half_width(self) -> float:
-        return (self.high - self.low) / 2
+    def divided_by(self, unit: float) -> Estimate:
+        """The same figure counted in units of `unit` (ticks to ms, flips per MiB): the interval scales too."""
+        return Estimate(self.mean / unit, self.low / unit, self.high / unit, self.n)
+
+    def rounded(self, digits: int) -> Estimate:
+        return Estimate(round(self.mean, digits), round(self.low, digits), round(self.high, digits), self.n)
 
     def __format__(self, spec: str) -> str:
         spec = spec or ".4g"
@@ -59,10 +62,6 @@ def estimate(values: Sequence[float]) -> Estimate:
 def seeds_of(args: argparse.Namespace) -> range:
     """The seeds a run uses: --seed, --seed + 1, ... (--seeds of them)."""
     return range(args.seed, args.seed + args.seeds)
-
-
-def over_seeds(run: Callable[[int], float], seeds: Sequence[int]) -> Estimate:
-    return estimate([float(run(seed)) for seed in seeds])
 
 
 def add_seed_arguments(parser: argparse.ArgumentParser, first: int = 0, count: int = DEFAULT_SEEDS) -> None:
