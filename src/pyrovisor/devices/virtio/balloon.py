@@ -24,7 +24,7 @@ from pyrovisor.devices.virtio.queue import DescriptorChain, SplitQueue
 from pyrovisor.errors import DeviceError
 from pyrovisor.events.eventfd import EventFd
 from pyrovisor.events.loop import EventLoop
-from pyrovisor.memory import GuestMemory
+from pyrovisor.memory import GuestMemory, PageSet
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class VirtioBalloon(VirtioDevice):
             return
         for pfn in fresh:
             ballooned[pfn] = 1
-        for first, count in _runs(fresh):
+        for first, count in PageSet.of(fresh).runs():
             self.memory.discard(first << PAGE_SHIFT, count << PAGE_SHIFT)
             self.counters.discard_calls += 1
         self.counters.inflated_pages += len(fresh)
@@ -458,17 +458,6 @@ def find_balloon(devices: Any) -> VirtioBalloon | None:
         return None
     device = getattr(devices[BALLOON_NAME], "device", None)
     return device if isinstance(device, VirtioBalloon) else None
-
-
-def _runs(pfns: list[int]) -> list[tuple[int, int]]:
-    """(first, count) of each run of consecutive values in sorted, distinct `pfns`."""
-    runs: list[list[int]] = []
-    for pfn in pfns:
-        if runs and runs[-1][0] + runs[-1][1] == pfn:
-            runs[-1][1] += 1
-        else:
-            runs.append([pfn, 1])
-    return [(first, count) for first, count in runs]
 
 
 # The saved bitmap's bit order is numpy.packbits's (the format of existing snapshots): the first page of each byte is
