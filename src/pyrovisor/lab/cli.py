@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,14 +35,17 @@ def require_lab_extra() -> None:
     """Refuse to run a model without numpy and matplotlib, with the line that says what to install."""
     from pyrovisor.errors import MissingExtraError
 
-    missing = []
-    for name in LAB_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
+    missing = [name for name in LAB_MODULES if not _installed(name)]
     if missing:
         raise MissingExtraError("pyrovisor lab", LAB_EXTRA, tuple(missing))
+
+
+def _installed(name: str) -> bool:
+    """Whether a top-level package can be imported, found without importing it (matplotlib takes 85 ms)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a finder that refuses the name outright
+        return False
 
 
 def _lab(args: argparse.Namespace) -> int:
