@@ -10,24 +10,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyrovisor.arch.x86_64 import cpuid, layout
+from pyrovisor.arch.x86_64.acpi import ACPI_TABLES_GPA, acpi_tables
 from pyrovisor.arch.x86_64.boot import long_mode_entry
 from pyrovisor.arch.x86_64.boot_info import BOOT_INFO_MAGIC, BOOT_INFO_VERSION, MAX_RAM_RANGES, BootInfo
 from pyrovisor.arch.x86_64.descriptors import boot_gdt, tss_image
 from pyrovisor.arch.x86_64.layout import CMDLINE_MAX
+from pyrovisor.arch.x86_64.multiboot_info import (
+    BOOT_DATA_GPA,
+    BOOT_DATA_SIZE,
+    BOOTLOADER_MAGIC,
+    ENTRY_STACK_TOP,
+    GDT_OFFSET,
+    HIGH_MEMORY_START,
+    INFO_OFFSET,
+    LOW_MEMORY_END,
+    MAX_MODULES,
+    MEMORY_AVAILABLE,
+    BootModule,
+    boot_data_page,
+)
 from pyrovisor.arch.x86_64.paging import BootPageTables, boot_alias_to_physical, build_boot_page_tables
-from pyrovisor.config import MachineConfig
+from pyrovisor.arch.x86_64.protected_mode import flat_gdt, protected_mode_entry
+from pyrovisor.config import BOOT_MULTIBOOT, MachineConfig
 from pyrovisor.devices.bus import Bus, PortBus
 from pyrovisor.devices.console import COM1_IRQ, COM1_PORT
 from pyrovisor.devices.debug_exit import DEBUG_EXIT_PORT
+from pyrovisor.devices.fw_cfg import FwCfgState, fw_cfg_items
 from pyrovisor.devices.manager import DeviceContext, DeviceManager
-from pyrovisor.devices.platform import KINDS, attach_legacy, attach_virtio, virtio_command_line
+from pyrovisor.devices.platform import (
+    KINDS,
+    attach_legacy,
+    attach_multiboot_devices,
+    attach_tpm,
+    attach_virtio,
+    virtio_command_line,
+)
+from pyrovisor.devices.tpm import TPM_NAME, BootMeasurement, VirtualTpm
 from pyrovisor.errors import ConfigError, LoaderError
 from pyrovisor.events.eventfd import EventFd
 from pyrovisor.events.loop import EventLoop
 from pyrovisor.kvm import Cap, Kvm, uapi
 from pyrovisor.kvm.vm import DIRTY_GFN_SIZE, IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE
 from pyrovisor.loader import LoadResult, load_elf
-from pyrovisor.loader.elf import AP_ENTRY_SYMBOL
+from pyrovisor.loader.elf import AP_ENTRY_SYMBOL, read_image
+from pyrovisor.loader.multiboot import ADDRESS_LIMIT, Reserved, load_multiboot
 from pyrovisor.memory import GuestMemory, MemoryRegion
 from pyrovisor.persist.machine import MachineState
 from pyrovisor.snapshot.chain import SnapshotLink, load_chain
@@ -60,6 +86,9 @@ class Assembly:
     kernel: LoadResult | None = None
     initrd_gpa: int = 0
     initrd_size: int = 0
+    cmdline: bytes = b""  # the command line the guest gets (the user's words and the devices')
+    kernel_image: bytes = b""  # the kernel file's bytes as loaded, and the initrd's: what the vTPM measures
+    initrd_image: bytes | None = None
     page_tables: BootPageTables | None = None
     vcpus: list[Vcpu] = field(default_factory=list)
     dirty: DirtyTracker | None = None
@@ -206,13 +235,16 @@ def attach_devices(assembly: Assembly) -> None:
     assert assembly.devices is not None
     attach_legacy(assembly.devices)
     attach_virtio(assembly.devices, assembly.config)
+    attach_tpm(assembly.devices, assembly.config)
 
 
 def load_kernel(assembly: Assembly) -> None:
     memory = assembly.require_memory()
     identity_limit = max(layout.MMIO_HOLE_END, memory.end)
+    assembly.kernel_image = read_image(assembly.config.kernel)
     assembly.kernel = load_elf(assembly.config.kernel, memory, layout.KERNEL_MIN_GPA,
-                               lambda address: boot_alias_to_physical(address, identity_limit))
+                               lambda address: boot_alias_to_physical(address, identity_limit),
+                               image=assembly.kernel_image)
     if assembly.config.vcpus > 1 and assembly.kernel.ap_entry is None:
         raise LoaderError(assembly.kernel.path, f"has no '{AP_ENTRY_SYMBOL}' symbol, so it cannot start "
                           f"{assembly.config.vcpus} vCPUs; run it with --vcpus 1")
@@ -233,6 +265,7 @@ def load_initrd(assembly: Assembly) -> None:
         raise LoaderError(str(path), f"{len(data)} bytes do not fit in guest RAM after the kernel; use more --memory")
     memory.write(gpa, data)
     assembly.initrd_gpa, assembly.initrd_size = gpa, len(data)
+    assembly.initrd_image = data
 
 
 def write_boot_data(assembly: Assembly) -> None:
@@ -256,6 +289,7 @@ def write_boot_data(assembly: Assembly) -> None:
         raise ConfigError("command line", config.cmdline[:40] + "...", f"with the virtio devices' words it is longer "
                           f"than {CMDLINE_MAX} bytes")
     memory.write(layout.CMDLINE_GPA, cmdline + b"\0")
+    assembly.cmdline = cmdline
 
     info = BootInfo(
         magic=BOOT_INFO_MAGIC, version=BOOT_INFO_VERSION, size=ctypes.sizeof(BootInfo), nr_vcpus=config.vcpus,
@@ -298,6 +332,21 @@ def setup_vcpus(assembly: Assembly) -> None:
             fd.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
 
 
+def measure_boot(assembly: Assembly) -> None:
+    """As the VM's firmware: the kernel, the initrd and the command line measured into the vTPM, if it has one
+    (the bytes that were loaded, read once)."""
+    devices, config = assembly.devices, assembly.config
+    assert devices is not None
+    if TPM_NAME not in devices:
+        return
+    tpm = devices[TPM_NAME]
+    assert isinstance(tpm, VirtualTpm)
+    tpm.measure_boot(BootMeasurement(kernel=assembly.kernel_image, kernel_name=config.kernel.name,
+                                     initrd=assembly.initrd_image,
+                                     initrd_name=config.initrd.name if config.initrd is not None else "",
+                                     cmdline=assembly.cmdline))
+
+
 BUILD_RECIPE: tuple[Step, ...] = (
     open_kvm,
     create_vm,
@@ -313,7 +362,114 @@ BUILD_RECIPE: tuple[Step, ...] = (
     create_vcpus,
     track_dirty_pages,
     write_boot_data,
+    measure_boot,
     setup_vcpus,
+)
+
+
+# --- build a Multiboot machine: QEMU's -kernel, its devices, 32-bit protected-mode entry --------------------
+VMX_TSS_GPA = 0xFEFFD000  # 3 pages VMX needs to run real mode without unrestricted guest (as QEMU places them)
+VMX_IDENTITY_MAP_GPA = 0xFEFFC000  # its identity page table for protected mode with paging off
+
+
+def prepare_legacy_modes(assembly: Assembly) -> None:
+    """Where Intel VMX without unrestricted guest keeps its real-mode TSS and identity map (the APs start in
+    real mode); before any vCPU exists. Other hosts accept and ignore these."""
+    vm = assembly.require_vm()
+    vm.fd.set_identity_map_addr(VMX_IDENTITY_MAP_GPA)
+    vm.fd.set_tss_addr(VMX_TSS_GPA)
+
+
+def create_pit(assembly: Assembly) -> None:
+    """KVM's i8254, as a PC has (after the irqchip: it interrupts through IRQ 0)."""
+    assembly.require_vm().fd.create_pit2()
+
+
+def attach_multiboot_platform(assembly: Assembly) -> None:
+    assert assembly.devices is not None
+    config = assembly.config
+    e820 = tuple((ram.gpa, ram.size, MEMORY_AVAILABLE) for ram in layout.ram_ranges(config.memory_size))
+    attach_multiboot_devices(assembly.devices, FwCfgState(fw_cfg_items(config.vcpus, config.memory_size, e820)))
+
+
+def load_multiboot_kernel(assembly: Assembly) -> None:
+    assembly.kernel = load_multiboot(assembly.config.kernel, assembly.require_memory(), MULTIBOOT_RESERVED).image
+
+
+def write_multiboot_data(assembly: Assembly) -> None:
+    """After the kernel: the command lines, then each module on a page boundary; below 1 MiB the boot-data page
+    (GDT, information structure, memory map) and the ACPI tables."""
+    config, memory, kernel = assembly.config, assembly.require_memory(), assembly.kernel
+    assert kernel is not None
+    files = ([(config.initrd, "")] if config.initrd is not None else []) + [(m.path, m.args) for m in config.modules]
+    if len(files) > MAX_MODULES:
+        raise ConfigError("modules", len(files), f"at most {MAX_MODULES}")
+    texts = [f"{config.kernel} {config.cmdline}"] + [f"{path} {args}" if args else str(path) for path, args in files]
+    strings, string_gpas = b"", []
+    for text in texts:
+        string_gpas.append(kernel.image_end + len(strings))
+        strings += text.encode() + b"\0"
+    _place(memory, str(config.kernel), kernel.image_end, strings)
+    modules, gpa = [], kernel.image_end + len(strings)
+    for (path, _), string_gpa in zip(files, string_gpas[1:], strict=True):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise LoaderError(str(path), exc.strerror or "cannot read") from None
+        gpa = -(-gpa // layout.PAGE_SIZE) * layout.PAGE_SIZE
+        _place(memory, str(path), gpa, data)
+        modules.append(BootModule(gpa, gpa + len(data), string_gpa))
+        gpa += len(data)
+    ranges = layout.ram_ranges(config.memory_size)
+    memory.write(BOOT_DATA_GPA, boot_data_page(flat_gdt(), ranges, string_gpas[0], tuple(modules)))
+    memory.write(ACPI_TABLES_GPA, acpi_tables(config.vcpus))
+
+
+def _place(memory: GuestMemory, name: str, gpa: int, data: bytes) -> None:
+    """Write boot data the VMM places after the kernel, if it fits in RAM below 4 GiB, clear of the BIOS area."""
+    end = gpa + len(data)
+    if end > ADDRESS_LIMIT or not memory.contains(gpa, max(len(data), 1)) or any(
+            gpa < area.end and area.start < end for area in MULTIBOOT_RESERVED):
+        raise LoaderError(name, f"{len(data)} bytes do not fit in guest RAM at {gpa:#x} after the kernel and the "
+                          "modules before it; use more --memory")
+    memory.write(gpa, data)
+
+
+def setup_multiboot_vcpus(assembly: Assembly) -> None:
+    """vCPU 0 enters the kernel in 32-bit protected mode with EAX = the Multiboot magic and EBX = the information
+    structure; the others stay as KVM resets them, waiting for INIT/SIPI through their in-kernel LAPIC."""
+    kernel = assembly.kernel
+    assert kernel is not None
+    supported = assembly.require_kvm().get_supported_cpuid()
+    for vcpu in assembly.vcpus:
+        vcpu.fd.set_cpuid2(cpuid.for_vcpu(supported, vcpu.index))
+    boot = assembly.vcpus[0].fd
+    apply_entry_state(boot, protected_mode_entry(kernel.entry, BOOT_DATA_GPA + GDT_OFFSET, ENTRY_STACK_TOP))
+    regs = boot.get_regs()
+    regs.rax, regs.rbx = BOOTLOADER_MAGIC, BOOT_DATA_GPA + INFO_OFFSET
+    boot.set_regs(regs)
+
+
+MULTIBOOT_RESERVED = (Reserved(BOOT_DATA_GPA, BOOT_DATA_GPA + BOOT_DATA_SIZE, "boot information page"),
+                      Reserved(LOW_MEMORY_END, HIGH_MEMORY_START, "BIOS area (ACPI tables)"))
+
+MULTIBOOT_RECIPE: tuple[Step, ...] = (
+    open_kvm,
+    create_vm,
+    prepare_legacy_modes,
+    attach_memory,
+    create_irqchip,
+    remap_pics,
+    create_pit,
+    enable_dirty_ring,
+    create_event_loop,
+    create_device_manager,
+    attach_multiboot_platform,
+    load_multiboot_kernel,
+    create_vcpus,
+    track_dirty_pages,
+    write_multiboot_data,
+    setup_multiboot_vcpus,
 )
 
 
@@ -363,7 +519,8 @@ def build_vm(config: MachineConfig, console_output: Callable[[bytes], None], kvm
     A `kvm` passed in stays the caller's; otherwise the VM opens (and closes) its own.
     """
     config.validate()
-    return _assemble(Assembly(config, console_output, ExitStack(), kvm=kvm), BUILD_RECIPE)
+    recipe = MULTIBOOT_RECIPE if config.boot_protocol == BOOT_MULTIBOOT else BUILD_RECIPE
+    return _assemble(Assembly(config, console_output, ExitStack(), kvm=kvm), recipe)
 
 
 def assemble_vm(machine: MachineState, memory: GuestMemory, console_output: Callable[[bytes], None],
@@ -413,5 +570,5 @@ def open_chain_memory(chain: list[SnapshotLink], lazy: bool = True, verify: bool
     return memory
 
 
-__all__ = ["BUILD_RECIPE", "RESTORE_RECIPE", "Assembly", "assemble_vm", "build_vm", "open_chain_memory",
+__all__ = ["BUILD_RECIPE", "MULTIBOOT_RECIPE", "RESTORE_RECIPE", "Assembly", "assemble_vm", "build_vm", "open_chain_memory",
            "restore_vm"]

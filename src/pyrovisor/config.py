@@ -58,6 +58,26 @@ class BalloonConfig:
 
 
 @dataclass(frozen=True)
+class TpmConfig:
+    """A TPM 2.0 (CRB interface) backed by swtpm; the VMM measures the boot into it."""
+
+    state_dir: Path | None = None  # swtpm's state (keys, NV) kept across runs; default: a private temporary one
+
+
+BOOT_PYROVISOR = "pyrovisor"  # pyrovisor's own protocol: ELF64, entered in long mode (docs/boot-protocol.md)
+BOOT_MULTIBOOT = "multiboot"  # Multiboot 1, as QEMU's -kernel runs it: 32-bit protected mode, QEMU's devices
+BOOT_PROTOCOLS = (BOOT_PYROVISOR, BOOT_MULTIBOOT)
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """A Multiboot module: a file placed in guest memory, announced with its string (path and arguments)."""
+
+    path: Path
+    args: str = ""
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     kernel: Path
     memory_size: int = DEFAULT_MEMORY
@@ -72,6 +92,9 @@ class MachineConfig:
     rng: bool = False
     vsock: VsockConfig | None = None
     balloon: BalloonConfig | None = None
+    tpm: TpmConfig | None = None
+    boot_protocol: str = BOOT_PYROVISOR
+    modules: tuple[ModuleConfig, ...] = ()  # Multiboot modules after the initrd (which is module 0 when given)
 
     def validate(self) -> None:
         check_memory_size(self.memory_size, format_size(self.memory_size))
@@ -83,6 +106,28 @@ class MachineConfig:
             raise ConfigError("command line", self.cmdline, "contains a NUL character")
         check_dirty_ring_entries(self.dirty_ring_entries)
         check_virtio_devices(self)
+        check_boot_protocol(self)
+        if self.tpm is not None and self.tpm.state_dir is not None and not self.tpm.state_dir.is_dir():
+            raise ConfigError("tpm state directory", str(self.tpm.state_dir), "is not a directory")
+
+
+def check_boot_protocol(config: MachineConfig) -> None:
+    """Multiboot machines have QEMU's legacy devices only; modules belong to Multiboot."""
+    if config.boot_protocol not in BOOT_PROTOCOLS:
+        raise ConfigError("boot protocol", config.boot_protocol, f"expected one of {', '.join(BOOT_PROTOCOLS)}")
+    if config.boot_protocol != BOOT_MULTIBOOT:
+        if config.modules:
+            raise ConfigError("module", str(config.modules[0].path), "modules are for Multiboot kernels")
+        return
+    if config.disks or config.nets or config.rng or config.vsock is not None or config.balloon is not None:
+        raise ConfigError("boot protocol", config.boot_protocol, "virtio devices (--disk, --net, --rng, --vsock, "
+                          "--balloon) need pyrovisor's boot protocol: a Multiboot kernel is not told where they are")
+    if config.tpm is not None:
+        raise ConfigError("boot protocol", config.boot_protocol, "the vTPM (--tpm) is not measured or attached for "
+                          "Multiboot kernels yet")
+    for module in config.modules:
+        if not str(module.path) or "\0" in str(module.path) or "\0" in module.args:
+            raise ConfigError("module", str(module.path), "needs a file name and no NUL characters")
 
 
 def check_memory_size(size: int, shown: str) -> None:

@@ -128,5 +128,37 @@ class MissingExtraError(PyrovisorError):
         self.command = command
         self.extra = extra
         self.modules = modules
-        super().__init__(f"{command} needs {' and '.join(modules)}, which are not installed: "
+        verb = "is" if len(modules) == 1 else "are"
+        super().__init__(f"{command} needs {' and '.join(modules)}, which {verb} not installed: "
                          f"pip install 'pyrovisor[{extra}]'")
+
+
+class MissingToolError(PyrovisorError):
+    """A feature needs a host program that is not installed; the message names the package to install."""
+
+    def __init__(self, feature: str, tool: str, packages: str) -> None:
+        self.feature = feature
+        self.tool = tool
+        self.packages = packages
+        super().__init__(f"{feature} needs {tool}, which is not installed: apt-get install {packages}")
+
+
+class TpmError(PyrovisorError):
+    """The virtual TPM failed: swtpm could not start or stopped answering, or a TPM command failed."""
+
+    def __init__(self, operation: str, reason: str, response_code: int | None = None) -> None:
+        self.operation = operation
+        self.reason = reason
+        self.response_code = response_code
+        code = f" (TPM response code {response_code:#x})" if response_code is not None else ""
+        super().__init__(f"vTPM {operation}: {reason}{code}")
+
+
+class AttestationError(PyrovisorError):
+    """A quote, an event log, a key or a golden-values file is malformed (a verification that fails is a
+    verdict, not an error)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pyrovisor.arch.x86_64.layout import RamRange
-from pyrovisor.config import MachineConfig
+from pyrovisor.config import BOOT_PYROVISOR, MachineConfig
 from pyrovisor.devices.bus import Bus, PortBus
 from pyrovisor.devices.console import SerialConsole
 from pyrovisor.devices.debug_exit import DebugExit
@@ -195,6 +195,9 @@ class Vmm:
         """The machine as snapshots and migration store it. The vCPUs must be parked or never started."""
         if self.started and not self.is_parked:
             raise PyrovisorError("the VM must be paused while its state is read")
+        if self.config.boot_protocol != BOOT_PYROVISOR:
+            raise PyrovisorError(f"a {self.config.boot_protocol} machine cannot be snapshotted or migrated yet "
+                                 "(the state of its PIT is not saved)")
         return MachineState(
             config=self.config,
             kernel=self.kernel,

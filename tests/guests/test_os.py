@@ -172,7 +172,7 @@ def test_freed_pages_come_back_zeroed_through_the_discard_port() -> None:
 @pytest.mark.parametrize(("args", "code", "message"), [
     ("nosuchprogram x=1", 3, r"^os: no program 'nosuchprogram' in the archive$"),
     ("", 0, r"^os: programs in the archive: blk cache counter exits falseshare fault kwriter memcheck memdirty memwatch net "
-           r"pagetouch ptrchase rng runner sysbench vsock wset$"),
+           r"pagetouch ptrchase rng runner sysbench tpm vsock wset$"),
     ("counter; kernel hz=5", 3, r"^os: kernel option hz=5 is outside 10\.\.10000$"),
     ("counter; kernel hz=100 bogus=1", 3, r"^os: unknown kernel option 'bogus'$"),
     ("  ; counter count=1 period_ms=1 ;; kernel quiet=1  ", 0, r"^PASS: counter 1: 1 beats"),

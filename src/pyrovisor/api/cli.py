@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pyrovisor.api.sandbox_commands",
     "pyrovisor.lab.cli",
     "pyrovisor.api.host_commands",
+    "pyrovisor.api.attest_commands",
 )
 TRACEBACK_VARIABLE = "PYROVISOR_TRACEBACK"  # set to 1 to see the traceback of an unexpected error
 

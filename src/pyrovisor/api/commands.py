@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from pyrovisor.api.server import ControlServer
     from pyrovisor.api.terminal import StdoutConsole
     from pyrovisor.arch.x86_64.cpuid import CpuidEntry
+    from pyrovisor.config import ModuleConfig
     from pyrovisor.vmm import Vmm
 
 DEFAULT_GUEST = "hello"
@@ -36,8 +37,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="guest RAM, e.g. 64M or 1G: 2M to 64G in steps of 2M (default: the guest's manifest, else 64M)")
     run.add_argument("--vcpus", type=vcpu_count, help="number of vCPUs, 1 to 32 and at most what the guest supports "
                      "(default: the guest's manifest, else 1)")
-    run.add_argument("--args", dest="cmdline", help="kernel command line passed to the guest")
-    run.add_argument("--initrd", type=Path, help="file placed in guest memory after the kernel")
+    run.add_argument("--args", "--append", dest="cmdline", help="kernel command line passed to the guest")
+    run.add_argument("--initrd", type=Path, help="file placed in guest memory after the kernel (a Multiboot "
+                     "kernel's first module)")
+    run.add_argument("--module", type=_module, action="append", default=[], metavar="FILE[,ARGS]",
+                     help="a Multiboot module with its arguments (repeat for more, after --initrd)")
+    run.add_argument("--verbose", "-v", action="store_true", help="say which kind of kernel the file is")
     run.add_argument("--timeout", type=positive_seconds,
                      help="stop the guest after this many seconds (exit code 124)")
     run.add_argument("--api", type=socket_path, metavar="SOCKET", help="serve the control API on this Unix socket")
@@ -55,13 +60,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     info.set_defaults(handler=_info)
 
 
+def _module(text: str) -> ModuleConfig:
+    """--module FILE[,ARGS]: the file, and the arguments its Multiboot string carries after the file name."""
+    from pyrovisor.config import ModuleConfig
+
+    path, _, module_args = text.partition(",")
+    if not path or "\0" in text:
+        raise argparse.ArgumentTypeError(f"invalid --module {text!r}: expected FILE[,ARGS]")
+    return ModuleConfig(Path(path), module_args)
+
+
 def _run(args: argparse.Namespace) -> int:
-    from pyrovisor.api.terminal import StdoutConsole
+    from pyrovisor.api.terminal import StdoutConsole, host_message
     from pyrovisor.builder import build_vm
     from pyrovisor.catalog import check_vcpu_limit, resolve_guest
     from pyrovisor.config import DEFAULT_MEMORY, MachineConfig
+    from pyrovisor.loader.multiboot import detect_protocol
 
     elf, spec = resolve_guest(args.guest)
+    protocol, description = detect_protocol(elf)
+    if args.verbose:
+        host_message(f"pyrovisor: {elf}: {description}")
     vcpus = args.vcpus if args.vcpus is not None else (spec.vcpus if spec else 1)
     check_vcpu_limit(elf, vcpus)
     config = MachineConfig(
@@ -72,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         initrd=args.initrd if args.initrd is not None else (spec.initrd if spec else None),
         dirty_ring_entries=args.dirty_ring,
         disks=tuple(args.disk), nets=tuple(args.net), rng=args.rng, vsock=args.vsock, balloon=args.balloon,
+        tpm=args.tpm, boot_protocol=protocol, modules=tuple(args.module),
     )
     console = StdoutConsole()
     with build_vm(config, console) as vmm:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pyrovisor.config import BalloonConfig, DiskConfig, NetConfig, VsockConfig, check_balloon
+from pyrovisor.config import BalloonConfig, DiskConfig, NetConfig, TpmConfig, VsockConfig, check_balloon
 from pyrovisor.errors import ConfigError
 
 
@@ -80,6 +80,13 @@ def balloon(text: str) -> BalloonConfig:
     return config
 
 
+def tpm(text: str) -> TpmConfig:
+    bare, pairs = _options(text, "--tpm", {"dir"}, set())
+    if bare or not pairs.get("dir"):
+        raise argparse.ArgumentTypeError(f"invalid --tpm {text!r}: expected dir=DIR (or --tpm alone)")
+    return TpmConfig(state_dir=Path(pairs["dir"]))
+
+
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disk", type=disk, action="append", default=[], metavar="FILE[,ro][,serial=S]",
                         help="a virtio-blk disk on a raw file (repeat for more disks)")
@@ -91,3 +98,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--balloon", type=balloon, nargs="?", const=BalloonConfig(), metavar="stats=SECONDS",
                         help="a virtio-balloon device; its memory statistics are asked for every SECONDS (default 1, "
                              "0: only on request); oom=off refuses deflate-on-OOM")
+    parser.add_argument("--tpm", type=tpm, nargs="?", const=TpmConfig(), metavar="dir=DIR",
+                        help="a TPM 2.0 (CRB) backed by swtpm; the VMM measures kernel, initrd and command line into "
+                             "PCRs 9 and 8 and keeps an event log; dir=DIR keeps the TPM's keys across runs "
+                             "(docs/vtpm.md)")

@@ -30,6 +30,7 @@ from pyrovisor.errors import (
     KvmUnavailableError,
     LoaderError,
     PyrovisorError,
+    TpmError,
 )
 
 MAX_BODY = 1 << 20
@@ -50,6 +51,7 @@ ERROR_STATUS: dict[type[BaseException], HTTPStatus] = {
     DeviceError: HTTPStatus.BAD_REQUEST,
     GuestMemoryError: HTTPStatus.BAD_REQUEST,
     ControlError: HTTPStatus.BAD_GATEWAY,
+    TpmError: HTTPStatus.BAD_GATEWAY,  # swtpm failed or a TPM command was refused
     KvmError: HTTPStatus.INTERNAL_SERVER_ERROR,
     KvmUnavailableError: HTTPStatus.INTERNAL_SERVER_ERROR,
     PyrovisorError: HTTPStatus.CONFLICT,

@@ -42,6 +42,8 @@ class VmRoutes:
         self.routes.add("GET", "/migration", self.migration_status)
         from pyrovisor.api.balloon_routes import add_balloon_routes
         add_balloon_routes(self.routes, vmm)
+        from pyrovisor.api.tpm_routes import add_tpm_routes
+        add_tpm_routes(self.routes, vmm)
         self.migration: BackgroundMigration | None = None
 
     def status(self, body: JsonObject) -> JsonObject:

@@ -9,6 +9,13 @@ from pyrovisor.arch.x86_64.layout import VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIR
 from pyrovisor.config import MachineConfig
 from pyrovisor.devices.console import COM1_IRQ, COM1_PORT, PORT_COUNT, SerialConsole, SerialConsoleArgs
 from pyrovisor.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit, DebugExitState
+from pyrovisor.devices.fw_cfg import FW_CFG_PORT, FW_CFG_PORTS, FwCfg, FwCfgArgs, FwCfgState
+from pyrovisor.devices.isa_debug_exit import (
+    ISA_DEBUG_EXIT_PORT,
+    ISA_DEBUG_EXIT_PORTS,
+    IsaDebugExit,
+    IsaDebugExitState,
+)
 from pyrovisor.devices.manager import DeviceContext, DeviceKind, DeviceManager, ManagedDevice, Placement
 from pyrovisor.devices.page_discard import (
     PAGE_DISCARD_PORT,
@@ -18,6 +25,8 @@ from pyrovisor.devices.page_discard import (
     PageDiscardState,
 )
 from pyrovisor.devices.serial import SerialState
+from pyrovisor.devices.tpm import TPM_NAME, VirtualTpm, VirtualTpmState, fresh_state
+from pyrovisor.devices.tpm_crb import TPM_CRB_BASE, TPM_WINDOW_SIZE
 from pyrovisor.devices.virtio.balloon import BALLOON_NAME, VirtioBalloon, VirtioBalloonState
 from pyrovisor.devices.virtio.blk import BlockOptions, VirtioBlk, VirtioBlkState
 from pyrovisor.devices.virtio.mmio import MmioWiring, VirtioMmio
@@ -133,6 +142,19 @@ def _virtio_vsock(context: DeviceContext, name: str, placement: Placement,
     return transport
 
 
+def _tpm(context: DeviceContext, name: str, placement: Placement, state: VirtualTpmState | None) -> ManagedDevice:
+    return VirtualTpm(state or fresh_state(None))
+
+
+def _isa_debug_exit(context: DeviceContext, name: str, placement: Placement,
+                    state: IsaDebugExitState | None) -> ManagedDevice:
+    return IsaDebugExit.restore(context.guest_exit, state or IsaDebugExitState())
+
+
+def _fw_cfg(context: DeviceContext, name: str, placement: Placement, state: FwCfgState | None) -> ManagedDevice:
+    return FwCfg.restore(FwCfgArgs(context.memory.read, context.memory.write), state or FwCfgState())
+
+
 KINDS: dict[str, DeviceKind[Any]] = {kind.name: kind for kind in (
     DeviceKind("uart16550", SerialState, _serial),
     DeviceKind("debug-exit", DebugExitState, _debug_exit),
@@ -142,6 +164,9 @@ KINDS: dict[str, DeviceKind[Any]] = {kind.name: kind for kind in (
     DeviceKind("virtio-vsock", VirtioVsockState, _virtio_vsock),
     DeviceKind("virtio-net", VirtioNetState, _virtio_net),
     DeviceKind("virtio-balloon", VirtioBalloonState, _virtio_balloon),
+    DeviceKind("isa-debug-exit", IsaDebugExitState, _isa_debug_exit),
+    DeviceKind("fw-cfg", FwCfgState, _fw_cfg),
+    DeviceKind("tpm-crb", VirtualTpmState, _tpm),
 )}
 
 # (name, kind, placement) of the devices a new VM gets, in attach order.
@@ -155,6 +180,23 @@ LEGACY_DEVICES: tuple[tuple[str, str, Placement], ...] = (
 def attach_legacy(manager: DeviceManager) -> None:
     for name, kind, placement in LEGACY_DEVICES:
         manager.attach(name, kind, placement)
+
+
+FW_CFG = "fw-cfg"
+ISA_DEBUG_EXIT = "isa-debug-exit"
+
+# The devices of a Multiboot machine, at the addresses QEMU gives them (-device isa-debug-exit,iobase=0xf4,iosize=4).
+MULTIBOOT_DEVICES: tuple[tuple[str, str, Placement], ...] = (
+    (SERIAL, "uart16550", Placement(port=(COM1_PORT, PORT_COUNT), irq=COM1_IRQ)),
+    (ISA_DEBUG_EXIT, "isa-debug-exit", Placement(port=(ISA_DEBUG_EXIT_PORT, ISA_DEBUG_EXIT_PORTS))),
+)
+
+
+def attach_multiboot_devices(manager: DeviceManager, fw_cfg: FwCfgState) -> None:
+    """QEMU's legacy devices for a Multiboot kernel: COM1, isa-debug-exit and fw_cfg with these items."""
+    for name, kind, placement in MULTIBOOT_DEVICES:
+        manager.attach(name, kind, placement)
+    manager.attach(FW_CFG, "fw-cfg", Placement(port=(FW_CFG_PORT, FW_CFG_PORTS)), fw_cfg)
 
 
 def virtio_placement(index: int) -> Placement:
@@ -184,6 +226,15 @@ def virtio_devices(config: MachineConfig) -> list[tuple[str, str, Any]]:
 def attach_virtio(manager: DeviceManager, config: MachineConfig) -> None:
     for index, (name, kind, state) in enumerate(virtio_devices(config)):
         manager.attach(name, kind, virtio_placement(index), state)
+
+
+TPM_PLACEMENT = Placement(mmio=(TPM_CRB_BASE, TPM_WINDOW_SIZE))  # where QEMU's tpm-crb sits; no interrupt
+
+
+def attach_tpm(manager: DeviceManager, config: MachineConfig) -> None:
+    """The vTPM the configuration asks for (its swtpm starts now; the boot is measured once it is loaded)."""
+    if config.tpm is not None:
+        manager.attach(TPM_NAME, "tpm-crb", TPM_PLACEMENT, fresh_state(config.tpm.state_dir))
 
 
 def virtio_command_line(manager: DeviceManager) -> str:

@@ -39,10 +39,11 @@ class VcpuFd:
 
     # --- running --------------------------------------------------------------------------------
     def run(self) -> VcpuExit:
-        """KVM_RUN once. A signal or immediate_exit gives `Interrupted`."""
+        """KVM_RUN once. A signal or immediate_exit gives `Interrupted`, and so does EAGAIN: a vCPU waiting for
+        INIT/SIPI (KVM_MP_STATE_UNINITIALIZED) returns it when woken, to be run again."""
         if _ioctl(self.fd, KVM_RUN, None) < 0:
             error = ctypes.get_errno()
-            if error == errno.EINTR:
+            if error in (errno.EINTR, errno.EAGAIN):
                 return Interrupted()
             raise KvmError("KVM_RUN", error)
         return self._decoder.decode()

@@ -89,7 +89,8 @@ class VmFd:
         ioctl_struct(self.fd, uapi.KVM_CREATE_PIT2, config, "KVM_CREATE_PIT2")
 
     def set_tss_addr(self, address: int) -> None:
-        ioctl_int(self.fd, uapi.KVM_SET_TSS_ADDR, address, "KVM_SET_TSS_ADDR")
+        # The argument is an unsigned long, usually just below 4 GiB: too wide for fcntl's C int.
+        ioctl_ptr(self.fd, uapi.KVM_SET_TSS_ADDR, address, "KVM_SET_TSS_ADDR")
 
     def set_identity_map_addr(self, address: int) -> None:
         value = ctypes.c_uint64(address)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,28 +38,37 @@ class LoadResult:
 
 
 def load_elf(path: Path, memory: GuestMemory, lowest_physical: int,
-             virtual_to_physical: Callable[[int], int | None]) -> LoadResult:
+             virtual_to_physical: Callable[[int], int | None], image: bytes | None = None) -> LoadResult:
     """Copy every PT_LOAD segment of `path` to its p_paddr and zero its bss.
 
     `virtual_to_physical` says how the boot page tables map a virtual address; each segment's
     virtual address must map to its physical address there, so the entry point is reachable.
+    `image` is the file's content when the caller has read it already (so that what is loaded is
+    exactly what it measured).
     """
     name = str(path)
+    data = read_image(path) if image is None else image
+    if data[:4] != b"\x7fELF":
+        raise LoaderError(name, "not an ELF file")
     try:
-        with open(path, "rb") as handle:
-            if handle.read(4) != b"\x7fELF":
-                raise LoaderError(name, "not an ELF file")
-            handle.seek(0)
-            try:
-                return _load(name, ELFFile(handle), memory, lowest_physical, virtual_to_physical)
-            except ELFError as exc:
-                raise LoaderError(name, f"malformed ELF: {exc}") from None
+        return _load(name, ELFFile(io.BytesIO(data)), memory, lowest_physical, virtual_to_physical)
+    except ELFError as exc:
+        raise LoaderError(name, f"malformed ELF: {exc}") from None
+
+
+def read_image(path: Path) -> bytes:
+    """A kernel image file's bytes, or a LoaderError saying why they cannot be read."""
+    name = str(path)
+    try:
+        return path.read_bytes()
     except FileNotFoundError:
         raise LoaderError(name, "no such file") from None
     except IsADirectoryError:
-        raise LoaderError(name, "is a directory, not an ELF file") from None
+        raise LoaderError(name, "is a directory, not a kernel image") from None
     except PermissionError:
         raise LoaderError(name, "permission denied") from None
+    except OSError as exc:
+        raise LoaderError(name, exc.strerror or "cannot read") from None
 
 
 def _load(name: str, elf: ELFFile, memory: GuestMemory, lowest_physical: int,
