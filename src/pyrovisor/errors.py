@@ -162,3 +162,37 @@ class AttestationError(PyrovisorError):
         self.source = source
         self.reason = reason
         super().__init__(f"{source}: {reason}")
+
+
+class JailError(PyrovisorError):
+    """The VMM cannot be confined as asked (--jail): a privilege, a kernel feature or a cgroup controller is
+    missing, or something the VM needs cannot be put in the jail."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        self.step = step
+        self.reason = reason
+        super().__init__(f"--jail: cannot {step}: {reason}")
+
+
+class SeccompError(PyrovisorError):
+    """A seccomp filter could not be built, exported or loaded (libseccomp or the kernel refused)."""
+
+    def __init__(self, operation: str, errno: int, detail: str = "") -> None:
+        self.operation = operation
+        self.errno = errno
+        self.detail = detail
+        suffix = f" ({detail})" if detail else ""
+        super().__init__(f"seccomp: {operation} failed: {os.strerror(errno)}{suffix}")
+
+
+class SeccompViolation(PyrovisorError):
+    """A confined thread made a system call its filter does not allow; the call was refused and the VM stopped."""
+
+    def __init__(self, syscall: str, number: int, kind: str, thread: str, tid: int) -> None:
+        self.syscall = syscall
+        self.number = number
+        self.kind = kind
+        self.thread = thread
+        self.tid = tid
+        super().__init__(f"seccomp: the {kind} thread {thread} (tid {tid}) made the forbidden system call "
+                         f"{syscall} ({number}); it was refused and the VM stopped")

@@ -12,12 +12,13 @@ from types import TracebackType
 
 from pyrovisor.arch.x86_64.layout import RamRange
 from pyrovisor.config import BOOT_PYROVISOR, MachineConfig
+from pyrovisor.confine.policy import current as current_confinement
 from pyrovisor.devices.bus import Bus, PortBus
 from pyrovisor.devices.console import SerialConsole
 from pyrovisor.devices.debug_exit import DebugExit
 from pyrovisor.devices.manager import DeviceManager
 from pyrovisor.devices.platform import DEBUG_EXIT, SERIAL
-from pyrovisor.errors import PyrovisorError
+from pyrovisor.errors import PyrovisorError, SeccompViolation
 from pyrovisor.events.loop import EventLoop
 from pyrovisor.kvm import Kvm
 from pyrovisor.kvm.coalesced import CoalescedRing
@@ -66,6 +67,11 @@ class Vmm:
         self._resources = ExitStack()  # released in reverse order of acquisition by close()
         for vcpu in vcpus:
             vcpu.dirty_ring_full_handler = lambda _vcpu: dirty.harvest()
+        loop.on_denied = self.stop_for_violation
+
+    def stop_for_violation(self, violation: SeccompViolation) -> None:
+        """A thread of this VM made a system call its seccomp filter refuses: stop with that as the outcome."""
+        self.control.finish(RunOutcome(StopReason.ERROR, error=violation), overrides_error=True)
 
     def adopt(self, resources: ExitStack) -> None:
         """Take over what the builder acquired; `close()` releases it after everything added later."""
@@ -131,6 +137,7 @@ class Vmm:
         self.lifecycle.start()
 
     def _start_vcpus(self) -> None:
+        current_confinement()  # the seccomp supervisor starts here (when confined), before the threads need it
         self.loop.start()
         for vcpu in self.vcpus:
             vcpu.start()

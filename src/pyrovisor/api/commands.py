@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from pyrovisor.api.cli import dirty_ring_entries, memory_size, positive_seconds, socket_path, vcpu_count
 from pyrovisor.api.device_options import add_device_arguments
+from pyrovisor.api.jail_options import add_jail_arguments
+from pyrovisor.confine.options import add_seccomp_argument, configure_seccomp
 
 if TYPE_CHECKING:
     from pyrovisor.api.server import ControlServer
@@ -50,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="track dirty pages with per-vCPU rings of this many entries (a power of two, at least 256) "
                           "instead of the bitmap")
     add_device_arguments(run)
+    add_jail_arguments(run)
+    add_seccomp_argument(run)
     run.set_defaults(handler=_run)
 
     guests = subparsers.add_parser("guests", help="list the built-in guests")
@@ -71,6 +75,7 @@ def _module(text: str) -> ModuleConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pyrovisor.api.jail_options import enter_jail
     from pyrovisor.api.terminal import StdoutConsole, host_message
     from pyrovisor.builder import build_vm
     from pyrovisor.catalog import check_vcpu_limit, resolve_guest
@@ -93,6 +98,10 @@ def _run(args: argparse.Namespace) -> int:
         disks=tuple(args.disk), nets=tuple(args.net), rng=args.rng, vsock=args.vsock, balloon=args.balloon,
         tpm=args.tpm, boot_protocol=protocol, modules=tuple(args.module),
     )
+    jailed = enter_jail(args, machine=config)
+    if jailed is not None:  # the launcher, outside the jail: the jailed VMM's exit code
+        return jailed
+    configure_seccomp(args)
     console = StdoutConsole()
     with build_vm(config, console) as vmm:
         return drive(vmm, console, args.api, args.timeout)
@@ -107,6 +116,7 @@ def drive(vmm: Vmm, console: StdoutConsole, api_socket: Path | None, timeout: fl
     from pyrovisor.api.server import ControlServer
     from pyrovisor.api.terminal import TerminalInput, host_message
     from pyrovisor.api.vm_routes import VmRoutes
+    from pyrovisor.confine.policy import settle as settle_seccomp
     from pyrovisor.vstate.run_control import RunOutcome, StopReason
 
     def stop() -> None:
@@ -114,6 +124,10 @@ def drive(vmm: Vmm, console: StdoutConsole, api_socket: Path | None, timeout: fl
 
     if server is None and api_socket is not None:  # a `server` given is already serving this VM's routes
         server = ControlServer(api_socket, VmRoutes(vmm).routes)
+    if server is not None:
+        server.on_denied = vmm.stop_for_violation
+        for violation in server.denied:  # refused before this VM was attached (receive serves early)
+            vmm.stop_for_violation(violation)
     console.on_closed = stop
     try:
         with _stop_on_signals(stop) as received, TerminalInput(vmm.console.feed, stop):
@@ -121,6 +135,8 @@ def drive(vmm: Vmm, console: StdoutConsole, api_socket: Path | None, timeout: fl
     finally:
         if server is not None:
             server.close()
+    settle_seccomp()  # a refused call reported while the VM stopped: it is the outcome, not what it caused
+    outcome = vmm.outcome or outcome
     if received:
         name = signal.Signals(received[0]).name
         host_message(f"pyrovisor: {name} received: the guest was stopped")

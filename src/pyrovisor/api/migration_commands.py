@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from pyrovisor.api.commands import drive
+from pyrovisor.api.jail_options import add_jail_arguments
 from pyrovisor.arch.x86_64.layout import parse_size
+from pyrovisor.confine.options import add_seccomp_argument, configure_seccomp
 from pyrovisor.errors import ConfigError, PyrovisorError
 from pyrovisor.output import console as output_console
 
@@ -33,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                          help="serve the control API on this Unix socket (claimed before listening)")
     receive.add_argument("--accept-timeout", type=float, help="give up if no source connects within this many seconds")
     receive.add_argument("--timeout", type=float, help="stop the guest this many seconds after it arrives")
+    add_jail_arguments(receive)
+    add_seccomp_argument(receive)
     receive.set_defaults(handler=_receive)
 
 
@@ -67,14 +73,30 @@ def _rate(text: str) -> float:
 def _receive(args: argparse.Namespace) -> int:
     """Everything the arrived VM needs here is claimed before listening (the API socket) or done before the
     source is told it may stop (attaching the API's routes): a failure then leaves the guest at the source."""
+    from pyrovisor.api.jail_options import enter_jail, jail_owner
     from pyrovisor.api.server import ControlServer, Routes
     from pyrovisor.api.terminal import StdoutConsole, host_message
     from pyrovisor.api.vm_routes import VmRoutes
     from pyrovisor.migration.auth import load_psk
-    from pyrovisor.migration.destination import receive
+    from pyrovisor.migration.destination import listen_socket, receive
     from pyrovisor.vmm import Vmm
 
     psk = load_psk(args.psk_file) if args.psk_file is not None else None
+    # A jailed VMM has no network of its own: the socket is made here, in the host's namespaces, and inherited.
+    listener = listen_socket(args.listen, psk, args.insecure) if args.jail is not None else None
+    try:
+        if listener is not None and listener.family == socket.AF_UNIX:  # its owner may connect: the jail's user
+            os.chown(listener.getsockname(), *jail_owner(args))
+        jailed = enter_jail(args)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
+    if jailed is not None:  # the launcher, outside the jail: the jailed VMM's exit code
+        assert listener is not None
+        listener.close()
+        return jailed
+    configure_seccomp(args)
     console = StdoutConsole()
     routes = Routes()
     server = ControlServer(args.api, routes) if args.api is not None else None
@@ -82,11 +104,12 @@ def _receive(args: argparse.Namespace) -> int:
     def attach_api(vmm: Vmm) -> None:
         if server is not None:
             VmRoutes(vmm, routes)
+            routes.prepare()  # here, on the main thread: the API thread is confined already
 
     try:
         arrival = receive(args.listen, console, accept_timeout=args.accept_timeout, psk=psk, insecure=args.insecure,
                           on_listening=lambda: host_message(f"pyrovisor: listening on {args.listen}"),
-                          on_started=attach_api)
+                          on_started=attach_api, listener=listener)
     except BaseException:
         if server is not None:
             server.close()

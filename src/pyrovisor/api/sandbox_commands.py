@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pyrovisor.api.cli import memory_size, positive_int, positive_seconds, vcpu_count
+from pyrovisor.api.jail_options import add_jail_arguments
 
 if TYPE_CHECKING:
     from pyrovisor.sandbox import SandboxReport
@@ -34,18 +35,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sandbox.add_argument("--json", action="store_true", help="print the reports as JSON")
     sandbox.add_argument("--memory", "-m", type=memory_size, help=f"guest RAM for --make-base (default {DEFAULT_MEMORY})")
     sandbox.add_argument("--vcpus", type=vcpu_count, help="vCPUs for --make-base (default 1)")
+    add_jail_arguments(sandbox)
     sandbox.set_defaults(handler=_sandbox, parser=sandbox)
 
 
 def _sandbox(args: argparse.Namespace) -> int:
+    from pyrovisor.api.jail_options import enter_jail
     from pyrovisor.arch.x86_64.layout import parse_size
+    from pyrovisor.confine.jail import Bind
     from pyrovisor.output import console
     from pyrovisor.sandbox import Sandbox, make_base
 
+    memory = args.memory if args.memory is not None else parse_size(DEFAULT_MEMORY)
+    if args.jail is not None:
+        created = [("--make-base", args.make_base)] if args.make_base is not None else [("--log", args.log)]
+        jailed = enter_jail(args, [Bind(args.base)] if args.base is not None else [], created=created,
+                            memory=memory if args.make_base is not None else None)
+        if jailed is not None:  # the launcher, outside the jail: the jailed VMM's exit code
+            return jailed
     if args.make_base is not None:
         if args.run is not None:
             args.parser.error("--run needs --base, not --make-base")
-        memory = args.memory if args.memory is not None else parse_size(DEFAULT_MEMORY)
         make_base(args.make_base, memory, args.vcpus if args.vcpus is not None else 1)
         console().print(f"sandbox base written to {args.make_base}")
         return 0

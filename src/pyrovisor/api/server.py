@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pyrovisor.api.socket_path import check_socket_path
+from pyrovisor.confine.policy import enter_thread
 from pyrovisor.errors import (
     ConfigError,
     ControlError,
@@ -30,6 +32,7 @@ from pyrovisor.errors import (
     KvmUnavailableError,
     LoaderError,
     PyrovisorError,
+    SeccompViolation,
     TpmError,
 )
 
@@ -37,6 +40,8 @@ MAX_BODY = 1 << 20
 # sun_path is 108 bytes and must end in a NUL for most tools (curl, socat) to reach the socket.
 SOCKET_MODE = 0o600
 JsonObject = dict[str, Any]
+log = logging.getLogger(__name__)
+
 RouteHandler = Callable[[JsonObject], JsonObject]
 
 _BODY_METHODS = ("POST", "PUT", "PATCH")
@@ -96,6 +101,9 @@ class Routes:
 
     def __init__(self) -> None:
         self._routes: dict[tuple[str, str], RouteHandler] = {}
+        # Handlers' preparations (loading lazy C extensions) to run before the server thread loads its seccomp
+        # filter, or, for routes added later, by whoever adds them (prepare()).
+        self.before_confinement: list[Callable[[], None]] = []
 
     def add(self, method: str, path: str, handler: RouteHandler) -> None:
         self._routes[(method.upper(), path)] = handler
@@ -107,6 +115,15 @@ class Routes:
                 raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}")
             raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
         return handler(body)
+
+    def prepare(self) -> None:
+        """Run the preparations added so far, once each; one that fails is logged (its routes then fail alone)."""
+        while self.before_confinement:
+            prepare = self.before_confinement.pop(0)
+            try:
+                prepare()
+            except Exception:
+                log.exception("api: preparing %s failed", getattr(prepare, "__qualname__", prepare))
 
     @property
     def paths(self) -> list[tuple[str, str]]:
@@ -356,7 +373,11 @@ class ControlServer:
 
     The path is checked, and a stale socket replaced, before anything starts; a bad path raises
     ConfigError("--api", ...). The socket is created with mode 0600 whatever the process umask.
+    The server thread confines itself as a `seccomp_kind` thread (its connection threads inherit the filter);
+    a refused call goes to `on_denied` once set.
     """
+
+    seccomp_kind: str | None = "api"
 
     def __init__(self, socket_path: Path, routes: Routes, limits: ServerLimits | None = None) -> None:
         self.socket_path = socket_path
@@ -371,9 +392,21 @@ class ControlServer:
             raise
         self._closed = False
         self._close_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="api", daemon=True)
+        self.on_denied: Callable[[SeccompViolation], None] | None = None
+        self.denied: list[SeccompViolation] = []
+        self._thread = threading.Thread(target=self._serve, name="api", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        self._server.routes.prepare()
+        if self.seccomp_kind is not None:
+            enter_thread(self.seccomp_kind, self._denied)
+        self._server.serve_forever(poll_interval=0.1)
+
+    def _denied(self, violation: SeccompViolation) -> None:
+        self.denied.append(violation)
+        if self.on_denied is not None:
+            self.on_denied(violation)
 
     def close(self) -> None:
         """Stop accepting, drop idle connections, let requests being executed answer (for at most

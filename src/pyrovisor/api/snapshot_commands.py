@@ -10,7 +10,9 @@ from typing import Any
 
 from pyrovisor.api.cli import positive_seconds, socket_path
 from pyrovisor.api.commands import drive
+from pyrovisor.api.jail_options import add_jail_arguments
 from pyrovisor.api.migration_commands import add_ctl_verbs
+from pyrovisor.confine.options import add_seccomp_argument, configure_seccomp
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     restore.add_argument("--api", type=socket_path, metavar="SOCKET", help="serve the control API on this Unix socket")
     restore.add_argument("--timeout", type=positive_seconds,
                          help="stop the guest after this many seconds (exit code 124)")
+    add_jail_arguments(restore)
+    add_seccomp_argument(restore)
     restore.set_defaults(handler=_restore)
 
     ctl = subparsers.add_parser("ctl", help="control a running VMM through its API socket")
@@ -45,9 +49,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _restore(args: argparse.Namespace) -> int:
+    from pyrovisor.api.jail_options import enter_jail
     from pyrovisor.api.terminal import StdoutConsole
     from pyrovisor.builder import restore_vm
+    from pyrovisor.confine.jail import Bind
 
+    jailed = enter_jail(args, [Bind(args.snapshot)] if args.jail is not None else [])
+    if jailed is not None:  # the launcher, outside the jail: the jailed VMM's exit code
+        return jailed
+    configure_seccomp(args)
     console = StdoutConsole()
     with restore_vm(args.snapshot, console, lazy=not args.eager, verify=args.verify) as vmm:
         return drive(vmm, console, args.api, args.timeout)

@@ -21,6 +21,7 @@ def add_tpm_routes(routes: Routes, vmm: Vmm) -> None:
     handlers = TpmRoutes(vmm)
     routes.add("GET", "/tpm", handlers.get)
     routes.add("POST", "/tpm/quote", handlers.quote)
+    routes.before_confinement.append(handlers.preload)
 
 
 class TpmRoutes:
@@ -47,6 +48,17 @@ class TpmRoutes:
         if self.vmm.state.terminal:
             raise ApiError(HTTPStatus.CONFLICT, f"the VM is {self.vmm.state.value}")
         return tpm.quote(nonce, pcrs)
+
+    def preload(self) -> None:
+        """With a TPM, load a quote's modules now (tpm2_pytss is a C extension): the API thread's seccomp filter
+        forbids mapping code."""
+        from pyrovisor.devices.tpm import TPM_NAME
+
+        if any(entry.name == TPM_NAME for entry in self.vmm.devices):
+            from pyrovisor.tpm.attestation import quote_document  # noqa: F401
+            from pyrovisor.tpm.commands import tss
+
+            tss()
 
     def _tpm(self) -> VirtualTpm:
         from pyrovisor.devices.tpm import TPM_NAME, VirtualTpm

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pyrovisor.errors import PyrovisorError
+from pyrovisor.confine.policy import enter_thread
+from pyrovisor.errors import PyrovisorError, SeccompViolation
 from pyrovisor.events.eventfd import EventFd
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ class EventLoop:
         self._parked = False
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.on_denied: Callable[[SeccompViolation], None] | None = None  # this thread made a refused call
+
+    def _denied(self, violation: SeccompViolation) -> None:
+        if self.on_denied is not None:
+            self.on_denied(violation)
 
     # --- sources --------------------------------------------------------------------------------------
     def add(self, source: int | _Pollable, handler: Handler, name: str, on_error: ErrorHandler | None = None) -> None:
@@ -129,6 +135,7 @@ class EventLoop:
         self._thread.start()
 
     def _main(self) -> None:
+        enter_thread("io", self._denied)
         while True:
             self._wait_while_paused()
             if self._stop:

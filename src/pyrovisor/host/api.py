@@ -178,6 +178,8 @@ class _HostHandler(control._Handler):
 class HostServer(ControlServer):
     """ControlServer serving HostRoutes, /metrics as text."""
 
+    seccomp_kind = None  # its threads create and close whole VMs: not one of the confined kinds
+
     def __init__(self, socket_path: Path, routes: HostRoutes, limits: ServerLimits | None = None) -> None:
         super().__init__(socket_path, routes, limits)
         self._server.RequestHandlerClass = _HostHandler

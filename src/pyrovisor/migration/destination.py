@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ class Incoming:
 def receive(listen_address: str, console_output: Callable[[bytes], None], accept_timeout: float | None = None,
             io_timeout_s: float = 60.0, on_listening: Callable[[], None] | None = None, psk: bytes | None = None,
             insecure: bool = False, on_started: Callable[[Vmm], None] | None = None,
-            check_host: HostCheck = check_this_host) -> Arrival:
+            check_host: HostCheck = check_this_host, listener: socket.socket | None = None) -> Arrival:
     """Wait for one incoming migration and return the VM running here.
 
     Without a pre-shared key (`psk`), only a loopback address or a Unix socket is listened on, unless
@@ -160,12 +161,10 @@ def receive(listen_address: str, console_output: Callable[[bytes], None], accept
     is discarded and the source resumes. Anything wrong — a refused or malformed stream, a failed
     authentication, a wrong memory size, a checksum mismatch, a cut connection, no confirmation that the
     source stopped — discards everything received and raises MigrationError; nothing is left running.
+    `listener`: the socket `listen_socket(listen_address, ...)` made earlier (a jailed VMM has no way out to
+    make one itself), used instead of listening here.
     """
-    address = parse_address(listen_address)
-    if psk is None and not insecure and not address.is_local:
-        raise ConfigError("--listen", str(address), "without --psk-file anyone who can reach this address could send "
-                          "a VM here and see or alter its memory; give --psk-file FILE (or --insecure to allow it)")
-    server = listen(address)
+    server = listener if listener is not None else listen_socket(listen_address, psk, insecure)
     try:
         if on_listening is not None:
             on_listening()
@@ -207,6 +206,16 @@ def receive(listen_address: str, console_output: Callable[[bytes], None], accept
     downtime = resumed_at - state.paused_at if state.paused_at is not None else 0.0
     return Arrival(vmm=vmm, source=hello.source, rounds=incoming.rounds, pages_received=incoming.receiver.pages,
                    bytes_received=connection.bytes_received, downtime_s=downtime)
+
+
+def listen_socket(listen_address: str, psk: bytes | None, insecure: bool) -> socket.socket:
+    """A socket listening on `listen_address`: without a pre-shared key, only a loopback address or a Unix socket
+    unless `insecure`."""
+    address = parse_address(listen_address)
+    if psk is None and not insecure and not address.is_local:
+        raise ConfigError("--listen", str(address), "without --psk-file anyone who can reach this address could send "
+                          "a VM here and see or alter its memory; give --psk-file FILE (or --insecure to allow it)")
+    return listen(address)
 
 
 def read_stopped(connection: Connection) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from pyrovisor import __version__
 from pyrovisor.arch.x86_64.cpuid import CpuidEntry
+from pyrovisor.confine.policy import enter_thread, start_thread
 from pyrovisor.errors import LifecycleError, MigrationError, PyrovisorError
 from pyrovisor.memory import GuestMemory, PageSet
 from pyrovisor.migration.address import Address, connect, parse_address
@@ -298,10 +299,11 @@ class BackgroundMigration:
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(vmm, destination, options), name="migration",
                                         daemon=True)
-        self._thread.start()
+        start_thread(self._thread)  # not a child of the API thread that asked: it confines itself as "migration"
 
     def _run(self, vmm: Vmm, destination: str, options: MigrationOptions) -> None:
         try:
+            enter_thread("migration", vmm.stop_for_violation)
             self.result = migrate(vmm, destination, options, self.progress, self._cancel.is_set)
         except PyrovisorError as exc:
             self.error = str(exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+from pyrovisor.confine.policy import enter_thread, start_thread
 from pyrovisor.errors import PyrovisorError
 from pyrovisor.vmm import Vmm
 
@@ -32,9 +33,10 @@ class Throttler:
         self._fraction = max(0.0, min(fraction, 0.999))
         if self._fraction > 0 and self._thread is None:
             self._thread = threading.Thread(target=self._cycle, name="throttle", daemon=True)
-            self._thread.start()
+            start_thread(self._thread)  # from an unconfined thread, so it can confine itself as "throttle"
 
     def _cycle(self) -> None:
+        enter_thread("throttle", self._vmm.stop_for_violation)
         while not self._stop.is_set():
             fraction = self._fraction
             if fraction <= 0:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
 
+from pyrovisor.confine.policy import enter_thread
 from pyrovisor.devices.bus import Bus
-from pyrovisor.errors import GuestError, PyrovisorError
+from pyrovisor.errors import GuestError, PyrovisorError, SeccompViolation
 from pyrovisor.kvm import Kvm, VcpuFd
 from pyrovisor.kvm.coalesced import CoalescedRing
 from pyrovisor.kvm.exits import (
@@ -142,6 +143,7 @@ class Vcpu:
     def _thread_main(self) -> None:
         self.entered_run_loop_at = time.perf_counter()
         try:
+            enter_thread("vcpu", self._denied)
             self.run_loop()
         except PyrovisorError as exc:
             self.control.finish(RunOutcome(StopReason.ERROR, error=exc, vcpu=self.index))
@@ -151,6 +153,9 @@ class Vcpu:
                                            error=GuestError(self.index, "VMM internal error", repr(exc))))
         finally:
             self.control.vcpu_finished()
+
+    def _denied(self, violation: SeccompViolation) -> None:
+        self.control.finish(RunOutcome(StopReason.ERROR, error=violation, vcpu=self.index), overrides_error=True)
 
     # --- the run loop -------------------------------------------------------------------------
     def run_loop(self) -> None:

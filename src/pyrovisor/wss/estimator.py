@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pyrovisor.confine.policy import enter_thread, start_thread
 from pyrovisor.errors import ConfigError, PyrovisorError
 from pyrovisor.memory.userfault import PAGE_SIZE
 from pyrovisor.vmm import Vmm
@@ -89,9 +90,10 @@ class WorkingSetEstimator:
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="wss", daemon=True)
-        self._thread.start()
+        start_thread(self._thread)  # from an unconfined thread, so it can confine itself as "wss"
 
     def _run(self) -> None:
+        enter_thread("wss", self.vmm.stop_for_violation)
         while not self._stop.is_set():
             try:
                 estimate = self.measure_once()
