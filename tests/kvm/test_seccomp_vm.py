@@ -28,7 +28,8 @@ def pyrovisor(tmp_path: Path, *args: str, mode: str | None = None, deny: str | N
     return done, records
 
 
-@pytest.mark.parametrize(("kind", "thread"), [("vcpu", "vcpu0"), ("io", "io")])
+@pytest.mark.parametrize(("kind", "thread"), [("vcpu", "vcpu0"), ("io", "io"), ("vmm", "MainThread"),
+                                             ("console", "stdin")])
 def test_a_refused_call_stops_the_vm_with_one_error_line(tmp_path: Path, kind: str, thread: str) -> None:
     done, records = pyrovisor(tmp_path, "run", "hello", deny=kind)  # enforce is the default
     assert done.returncode == 1, done.stderr

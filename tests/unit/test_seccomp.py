@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from pyrovisor.confine.filters import POLICIES, THREAD_KINDS, allowed_syscalls, filter_size, policy
+from pyrovisor.confine.filters import (
+    POLICIES,
+    THREAD_KINDS,
+    allowed_syscalls,
+    argument_filtered,
+    filter_size,
+    policy,
+)
 from pyrovisor.errors import ConfigError, MissingToolError
 
 try:
@@ -21,7 +28,7 @@ try:
 except MissingToolError as exc:  # pragma: no cover - libseccomp2 is in .ci/run
     pytest.skip(str(exc), allow_module_level=True)
 
-NEVER_AFTER_SETUP = {"execve", "execveat", "fork", "vfork", "ptrace", "kill", "process_vm_writev", "mount",
+NEVER_AFTER_SETUP = {"execve", "execveat", "fork", "vfork", "ptrace", "process_vm_writev", "mount",
                      "pivot_root", "init_module", "bpf", "perf_event_open", "open_by_handle_at", "kexec_load"}
 
 
@@ -48,8 +55,10 @@ def test_no_kind_may_start_programs_or_trace(kind: str) -> None:
 def test_ioctl_is_argument_filtered_where_allowed() -> None:
     for kind in THREAD_KINDS:
         for rule in policy(kind).rules:
-            if rule.syscall in ("ioctl", "socket", "clone", "mmap", "mprotect", "tgkill"):
+            if rule.syscall in ("ioctl", "socket", "clone", "mmap", "mprotect", "tgkill", "kill"):
                 assert rule.args, f"{kind}: {rule.syscall} without an argument filter"
+        if "kill" in allowed_syscalls(kind):  # only the vmm kind, only of its children (child_rules)
+            assert kind == "vmm" and "kill" in argument_filtered(kind)
 
 
 @pytest.mark.parametrize("kind", THREAD_KINDS)
@@ -121,3 +130,36 @@ def test_the_supervisor_refuses_or_lets_run_and_logs(mode: str, tmp_path: Path) 
         assert first["getppid"] > 1
         assert last == {"violations": [], "callbacks": 0}
         assert "seccomp audit: the vcpu thread vcpu7 made getppid (110)" in done.stderr
+
+
+KILL_ONLY_CHILDREN = textwrap.dedent("""
+    import errno, json, os, subprocess, threading
+    from pyrovisor.confine.filters import build_filter
+    from pyrovisor.confine.seccomp import act_errno
+    child = subprocess.Popen(["sleep", "30"])
+    results = {}
+    def confined():
+        with build_filter("vmm", default_action=act_errno(errno.EPERM)) as compiled:
+            compiled.load(listener=False)
+        for name, pid in (("child", child.pid), ("init", 1)):
+            try:
+                os.kill(pid, 0)
+                results[name] = "allowed"
+            except PermissionError:
+                results[name] = "refused"
+    thread = threading.Thread(target=confined)
+    thread.start()
+    thread.join()
+    child.kill()
+    child.wait()
+    print(json.dumps(results))
+""")
+
+
+def test_the_main_thread_may_kill_its_children_only() -> None:
+    """The vmm filter allows kill of the children that exist when it loads (swtpm, the fault server), and of no
+    other process: signal 0 to PID 1 is refused (as root it would otherwise succeed)."""
+    done = subprocess.run([sys.executable, "-c", KILL_ONLY_CHILDREN], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYROVISOR_SECCOMP": "off"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"child": "allowed", "init": "refused"}

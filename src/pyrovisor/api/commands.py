@@ -116,6 +116,7 @@ def drive(vmm: Vmm, console: StdoutConsole, api_socket: Path | None, timeout: fl
     from pyrovisor.api.server import ControlServer
     from pyrovisor.api.terminal import TerminalInput, host_message
     from pyrovisor.api.vm_routes import VmRoutes
+    from pyrovisor.confine.policy import enter_command_thread
     from pyrovisor.confine.policy import settle as settle_seccomp
     from pyrovisor.vstate.run_control import RunOutcome, StopReason
 
@@ -130,7 +131,12 @@ def drive(vmm: Vmm, console: StdoutConsole, api_socket: Path | None, timeout: fl
             vmm.stop_for_violation(violation)
     console.on_closed = stop
     try:
-        with _stop_on_signals(stop) as received, TerminalInput(vmm.console.feed, stop):
+        with _stop_on_signals(stop) as received, TerminalInput(vmm.console.feed, stop, vmm.stop_for_violation):
+            if not vmm.started:
+                vmm.start()
+            # Every thread this command needs runs now (threads started later come from the unconfined reports
+            # thread): the main thread, which only waits and then releases the VM, takes a filter of its own.
+            enter_command_thread("vmm", vmm.stop_for_violation)
             outcome = vmm.run(timeout=timeout)
     finally:
         if server is not None:

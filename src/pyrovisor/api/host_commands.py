@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any
 
 from pyrovisor.api.cli import positive_seconds, socket_path
+from pyrovisor.confine.options import add_seccomp_argument, configure_seccomp
 
 MiB = 1 << 20
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -27,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     host.add_argument("--config", type=Path, required=True, metavar="HOST.TOML", help="[host], [sampling], [[vm]]")
     host.add_argument("--api", type=socket_path, metavar="SOCKET", help="serve the host's API on this Unix socket")
     host.add_argument("--watch", action="store_true", help="show the live table instead of event lines")
+    add_seccomp_argument(host)
     host.set_defaults(handler=_host)
 
     ctl = subparsers.add_parser("host-ctl", help="control a running `pyrovisor host` through its API socket")
@@ -73,6 +75,7 @@ def _host(args: argparse.Namespace) -> int:
     from pyrovisor.host.config import load_host_config
 
     config = load_host_config(args.config)
+    configure_seccomp(args)
     if args.watch:
         events: list[str] = []
         on_event = events.append

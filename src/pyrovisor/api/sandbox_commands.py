@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from pyrovisor.api.cli import memory_size, positive_int, positive_seconds, vcpu_count
 from pyrovisor.api.jail_options import add_jail_arguments
+from pyrovisor.confine.options import add_seccomp_argument, configure_seccomp
 
 if TYPE_CHECKING:
     from pyrovisor.sandbox import SandboxReport
@@ -36,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sandbox.add_argument("--memory", "-m", type=memory_size, help=f"guest RAM for --make-base (default {DEFAULT_MEMORY})")
     sandbox.add_argument("--vcpus", type=vcpu_count, help="vCPUs for --make-base (default 1)")
     add_jail_arguments(sandbox)
+    add_seccomp_argument(sandbox)
     sandbox.set_defaults(handler=_sandbox, parser=sandbox)
 
 
@@ -53,6 +55,7 @@ def _sandbox(args: argparse.Namespace) -> int:
                             memory=memory if args.make_base is not None else None)
         if jailed is not None:  # the launcher, outside the jail: the jailed VMM's exit code
             return jailed
+    configure_seccomp(args)
     if args.make_base is not None:
         if args.run is not None:
             args.parser.error("--run needs --base, not --make-base")

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from pyrovisor.confine.policy import enter_command_thread
+from pyrovisor.errors import SeccompViolation
+
 ESCAPE = 0x01  # Ctrl-A, then 'x' quits (as in QEMU)
 QUIT = ord("x")
 POLL_SECONDS = 0.1
@@ -21,9 +24,11 @@ POLL_SECONDS = 0.1
 class TerminalInput:
     """Feeds stdin to `feed` on a background thread while the context is active."""
 
-    def __init__(self, feed: Callable[[bytes], None], on_quit: Callable[[], None]) -> None:
+    def __init__(self, feed: Callable[[bytes], None], on_quit: Callable[[], None],
+                 on_denied: Callable[[SeccompViolation], None] | None = None) -> None:
         self._feed = feed
         self._on_quit = on_quit
+        self._on_denied = on_denied  # the keyboard thread made a system call its seccomp filter refuses
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._saved_mode: list[Any] | None = None
@@ -50,6 +55,7 @@ class TerminalInput:
 
     def _pump(self) -> None:
         assert self._fd is not None
+        enter_command_thread("console", self._on_denied)
         while not self._stop.is_set():
             ready, _, _ = select.select([self._fd], [], [], POLL_SECONDS)
             if not ready:

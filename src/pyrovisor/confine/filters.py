@@ -8,17 +8,19 @@ import signal
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pyrovisor.confine.seccomp import ACT_NOTIFY, ArgCmp, Compare, Filter, Rule, act_errno
 from pyrovisor.errors import ConfigError
 from pyrovisor.kvm import uapi
 from pyrovisor.memory import userfault
 
-THREAD_KINDS: tuple[str, ...] = ("vcpu", "io", "api", "migration", "throttle", "wss")
+THREAD_KINDS: tuple[str, ...] = ("vcpu", "io", "api", "migration", "throttle", "vmm", "console", "wss")
 
 PROT_EXEC = 0x4
 FIONBIO = 0x5421
 TCGETS = 0x5401
+TCSETS, TCSETSW, TCSETSF = 0x5402, 0x5403, 0x5404  # tcsetattr: TCSANOW, TCSADRAIN, TCSAFLUSH
 CLONE_THREAD = 0x10000
 LOW_32 = 0xFFFFFFFF
 
@@ -88,6 +90,7 @@ class ThreadPolicy:
     description: str
     rules: tuple[Rule, ...]
     preload: tuple[str, ...] = ()
+    kills_children: bool = False  # kill, of the children that exist when the filter loads (child_rules)
 
 
 POLICIES: dict[str, ThreadPolicy] = {
@@ -155,6 +158,27 @@ POLICIES: dict[str, ThreadPolicy] = {
         ThreadPolicy("throttle", "auto-converge: duty-cycle holds of the vCPUs", (
             *_PYTHON, *_kick(),
         )),
+        ThreadPolicy("vmm", "the command's main thread once the VM's threads run: waits, then stops and releases the "
+                     "VM and exits", (
+            *_PYTHON, *_THREADS, *_kick(),
+            # Signal handlers put back; the terminal's mode restored; child processes (swtpm, the fault server)
+            # waited for (kill: only those that exist when the filter loads, see child_rules).
+            *_allow("rt_sigaction", "wait4", "waitid", "exit_group"),
+            *_ioctls(TCGETS, TCSETS, TCSETSW, TCSETSF, FIONBIO),
+            # Releasing the VM: fds, sockets (the API's, swtpm's control channel), the event loop's sources,
+            # temporary directories and sockets removed; an error report reads the source of a traceback.
+            *_allow("close", "shutdown", "sendto", "recvfrom", "sendmsg", "recvmsg", "poll", "select", "pselect6",
+                    "epoll_ctl", "unlink", "unlinkat", "rmdir", "openat", "read", "pread64", "lseek", "fstat",
+                    "newfstatat", "statx", "getdents64", "readlink", "getcwd", "fcntl"),
+            # Releasing devices' doorbells and interrupt routes (ioeventfd, irqfd deassigned); memory slots removed
+            # (the dirty log's flags first).
+            *_ioctls(uapi.KVM_IOEVENTFD, uapi.KVM_IRQFD, uapi.KVM_SET_USER_MEMORY_REGION, *_DIRTY),
+        ), kills_children=True),
+        ThreadPolicy("console", "the keyboard: stdin to the guest's UART", (
+            *_PYTHON, *_kick(),
+            *_allow("select", "pselect6", "poll", "read"),
+            *_ioctls(*_INTERRUPTS),  # the UART's interrupt line, raised by a key
+        )),
         ThreadPolicy("wss", "the working-set estimator: arms and disarms userfaultfd samples", (
             *_PYTHON, *_kick(),
             # Registering sampled pages with userfaultfd (the fault server process answers the faults), putting
@@ -179,14 +203,30 @@ def channel_rules(channel_fd: int) -> tuple[Rule, ...]:
     return (Rule("sendmsg", (ArgCmp(0, Compare.EQ, channel_fd),)), Rule("close"))
 
 
+def child_rules() -> tuple[Rule, ...]:
+    """kill, of this process's children that exist now only (swtpm, the working-set fault server, the seccomp
+    supervisor): never of another process on the host."""
+    children: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            text = Path(f"/proc/self/task/{task}/children").read_text(encoding="ascii")
+        except OSError:
+            continue
+        children.update(int(pid) for pid in text.split())
+    return tuple(Rule("kill", (ArgCmp(0, Compare.EQ, pid),)) for pid in sorted(children))
+
+
 def allowed_syscalls(kind: str) -> frozenset[str]:
     """Names of the system calls a `kind` thread may make (argument-filtered ones included)."""
     names = {rule.syscall for rule in policy(kind).rules if rule.action != _REFUSED_QUIETLY}
+    if policy(kind).kills_children:
+        names.add("kill")
     return frozenset(names | {rule.syscall for rule in channel_rules(-1)})
 
 
 def argument_filtered(kind: str) -> frozenset[str]:
-    return frozenset(rule.syscall for rule in policy(kind).rules if rule.args)
+    names = {rule.syscall for rule in policy(kind).rules if rule.args}
+    return frozenset(names | ({"kill"} if policy(kind).kills_children else set()))
 
 
 _REFUSED_QUIETLY = act_errno(errno.ENOSYS)
@@ -196,8 +236,9 @@ def build_filter(kind: str, default_action: int = ACT_NOTIFY, extra: Iterable[Ru
     """The libseccomp filter of `kind`: its rules, then `default_action` for everything else. Signals go only to
     threads of this process (tgkill's first argument is the caller's own pid, read now)."""
     own = ArgCmp(0, Compare.EQ, os.getpid())
+    children = child_rules() if policy(kind).kills_children else ()
     rules = [Rule(rule.syscall, (own, *rule.args), rule.action) if rule.syscall == "tgkill" else rule
-             for rule in (*policy(kind).rules, *extra)]
+             for rule in (*policy(kind).rules, *children, *extra)]
     return Filter(default_action, _dedupe(rules))
 
 
@@ -218,6 +259,8 @@ class FilterSize:
 
 def filter_size(kind: str) -> FilterSize:
     rules = _dedupe(policy(kind).rules)
+    kill_rules = 1 if policy(kind).kills_children else 0
     with build_filter(kind, extra=channel_rules(99)) as compiled:
         instructions = compiled.instructions()
-    return FilterSize(kind, len(allowed_syscalls(kind)), sum(1 for rule in rules if rule.args), instructions)
+    return FilterSize(kind, len(allowed_syscalls(kind)), sum(1 for rule in rules if rule.args) + kill_rules,
+                      instructions)

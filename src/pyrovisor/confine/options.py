@@ -1,4 +1,4 @@
-"""The --seccomp option of the commands that run a VM (run, restore, receive), defined once."""
+"""The --seccomp option of the commands that run VMs (run, restore, receive, sandbox, host), defined once."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ SECCOMP_MODES = ("enforce", "audit", "off")
 
 def add_seccomp_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seccomp", choices=SECCOMP_MODES, default=None,
-                        help="confine each kind of VMM thread (vCPU, I/O, API, migration) to the system calls it needs "
+                        help="confine each kind of VMM thread (vCPU, I/O, API, migration, the main thread) to the system calls it needs "
                              "once set-up is done: enforce refuses any other call, logs it and stops the VM; audit only "
                              "logs it; off (default: enforce, or $PYROVISOR_SECCOMP)")
 

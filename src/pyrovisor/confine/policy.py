@@ -245,19 +245,21 @@ def _thread_name(tid: int) -> str | None:
 _lock = threading.Lock()
 _mode: str | None = None  # set by the command line; else read from the environment
 _confinement: Confinement | None = None
+_by_command_line = False  # configure() was called: this process is a pyrovisor command, not a library user
 
 
 def configure(mode: str) -> None:
     """The mode of the VM threads this process starts from now on (the command line's --seccomp); starts the
     supervisor now when confined, so that its start overlaps the VM's set-up. Threads already confined stay so;
     a process confines in one of enforce or audit (the supervisor's), and may switch between it and off."""
-    global _mode
+    global _mode, _by_command_line
     if mode not in MODES:
         raise ConfigError("--seccomp", mode, f"expected one of {', '.join(MODES)}")
     with _lock:
         if _confinement is not None and mode != "off" and _confinement.mode != mode:
             raise PyrovisorError(f"seccomp is already in {_confinement.mode} mode in this process")
         _mode = mode
+        _by_command_line = True
     current()
 
 
@@ -279,6 +281,13 @@ def enter_thread(kind: str, on_denied: OnDenied | None = None) -> None:
     confinement = current()
     if confinement is not None:
         confinement.enter(kind, on_denied)
+
+
+def enter_command_thread(kind: str, on_denied: OnDenied | None = None) -> None:
+    """Confine the calling thread, which belongs to the command (its main thread, its keyboard), not to a VM: only
+    in a process the command line configured (configure()), never in a program that builds VMs as a library."""
+    if _by_command_line:
+        enter_thread(kind, on_denied)
 
 
 def start_thread(thread: threading.Thread) -> None:
