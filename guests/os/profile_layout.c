@@ -149,5 +149,6 @@ void profile_layout(void)
     ENUM("syscall", "wait", SYS_WAIT);
     ENUM("syscall", "virtio_open", SYS_VIRTIO_OPEN);
     ENUM("syscall", "virtio_wait", SYS_VIRTIO_WAIT);
+    ENUM("syscall", "cpuid", SYS_CPUID);
     MARK("end");
 }

@@ -187,6 +187,17 @@ static long sys_setcpu(struct trap_frame *frame)
     schedule(cpu, frame);
 }
 
+static long sys_cpuid(struct trap_frame *frame)
+{
+    uint32_t out[4];
+    if (!user_range(frame->rdx, sizeof out))
+        return -E_FAULT;
+    __asm__ volatile("cpuid" : "=a"(out[0]), "=b"(out[1]), "=c"(out[2]), "=d"(out[3])
+                     : "a"((uint32_t)frame->rdi), "c"((uint32_t)frame->rsi));
+    memcpy((void *)frame->rdx, out, sizeof out);
+    return 0;
+}
+
 struct exported_symbol {
     const char *name;
     const void *address;
@@ -264,6 +275,7 @@ syscall_fn syscall_table[SYS_COUNT] __attribute__((section(".data.syscall_table"
     [SYS_IOPERM] = sys_ioperm, [SYS_MAPIO] = sys_mapio,   [SYS_GETCPU] = sys_getcpu, [SYS_SETCPU] = sys_setcpu,
     [SYS_KSYM] = sys_ksym,     [SYS_KREAD] = sys_kread,   [SYS_KWRITE] = sys_kwrite, [SYS_SPAWN] = sys_spawn,
     [SYS_WAIT] = sys_wait,     [SYS_VIRTIO_OPEN] = sys_virtio_open, [SYS_VIRTIO_WAIT] = sys_virtio_wait,
+    [SYS_CPUID] = sys_cpuid,
 };
 
 void syscall_dispatch(unsigned cpu, struct process *process, struct trap_frame *frame)

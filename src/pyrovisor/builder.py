@@ -31,6 +31,7 @@ from pyrovisor.arch.x86_64.multiboot_info import (
 )
 from pyrovisor.arch.x86_64.paging import BootPageTables, boot_alias_to_physical, build_boot_page_tables
 from pyrovisor.arch.x86_64.protected_mode import flat_gdt, protected_mode_entry
+from pyrovisor.arch.x86_64.stealth import firmware_strings, host_brand_string, host_cpu_for, stealth_cpuid
 from pyrovisor.config import BOOT_MULTIBOOT, MachineConfig
 from pyrovisor.devices.bus import Bus, PortBus
 from pyrovisor.devices.console import COM1_IRQ, COM1_PORT
@@ -198,6 +199,20 @@ def create_vcpus(assembly: Assembly) -> None:
         assembly.vcpus.append(Vcpu.restore(args, saved.vcpus[index]) if saved is not None else Vcpu(args))
 
 
+def vcpu_cpuid(assembly: Assembly, supported: tuple[cpuid.CpuidEntry, ...], index: int) -> tuple[cpuid.CpuidEntry, ...]:
+    """The CPUID table of vCPU `index`: KVM's supported leaves, without hypervisor traces under --stealth."""
+    table = cpuid.for_vcpu(supported, index)
+    return stealth_cpuid(table, host_brand_string()) if assembly.config.stealth else table
+
+
+def pin_vcpus(assembly: Assembly) -> None:
+    """--stealth: each vCPU thread pinned to one host CPU (round robin over the CPUs this process may use), so
+    the guest sees one CPU's TSC and no migration noise; the thread pins itself before its seccomp filter loads."""
+    if assembly.config.stealth:
+        for vcpu in assembly.vcpus:
+            vcpu.host_cpus = frozenset({host_cpu_for(vcpu.index)})
+
+
 def track_dirty_pages(assembly: Assembly) -> None:
     """The dirty tracker, over the vCPUs' dirty rings when configured (mapped here) or KVM's bitmap."""
     ring_bytes = assembly.config.dirty_ring_entries * DIRTY_GFN_SIZE
@@ -323,7 +338,7 @@ def setup_vcpus(assembly: Assembly) -> None:
     gdt_limit = len(boot_gdt([0] * config.vcpus)) - 1
     for vcpu in assembly.vcpus:
         index, fd = vcpu.index, vcpu.fd
-        fd.set_cpuid2(cpuid.for_vcpu(supported, index))
+        fd.set_cpuid2(vcpu_cpuid(assembly, supported, index))
         entry = kernel.entry if index == 0 else kernel.ap_entry
         assert entry is not None
         apply_entry_state(fd, long_mode_entry(index, entry, assembly.page_tables.root, gdt_limit,
@@ -360,6 +375,7 @@ BUILD_RECIPE: tuple[Step, ...] = (
     load_kernel,
     load_initrd,
     create_vcpus,
+    pin_vcpus,
     track_dirty_pages,
     write_boot_data,
     measure_boot,
@@ -421,8 +437,10 @@ def write_multiboot_data(assembly: Assembly) -> None:
         modules.append(BootModule(gpa, gpa + len(data), string_gpa))
         gpa += len(data)
     ranges = layout.ram_ranges(config.memory_size)
-    memory.write(BOOT_DATA_GPA, boot_data_page(flat_gdt(), ranges, string_gpas[0], tuple(modules)))
-    memory.write(ACPI_TABLES_GPA, acpi_tables(config.vcpus))
+    firmware = firmware_strings(config.stealth)
+    memory.write(BOOT_DATA_GPA, boot_data_page(flat_gdt(), ranges, string_gpas[0], tuple(modules),
+                                               loader_name=firmware.boot_loader_name))
+    memory.write(ACPI_TABLES_GPA, acpi_tables(config.vcpus, identity=firmware.acpi))
 
 
 def _place(memory: GuestMemory, name: str, gpa: int, data: bytes) -> None:
@@ -442,7 +460,7 @@ def setup_multiboot_vcpus(assembly: Assembly) -> None:
     assert kernel is not None
     supported = assembly.require_kvm().get_supported_cpuid()
     for vcpu in assembly.vcpus:
-        vcpu.fd.set_cpuid2(cpuid.for_vcpu(supported, vcpu.index))
+        vcpu.fd.set_cpuid2(vcpu_cpuid(assembly, supported, vcpu.index))
     boot = assembly.vcpus[0].fd
     apply_entry_state(boot, protected_mode_entry(kernel.entry, BOOT_DATA_GPA + GDT_OFFSET, ENTRY_STACK_TOP))
     regs = boot.get_regs()
@@ -467,6 +485,7 @@ MULTIBOOT_RECIPE: tuple[Step, ...] = (
     attach_multiboot_platform,
     load_multiboot_kernel,
     create_vcpus,
+    pin_vcpus,
     track_dirty_pages,
     write_multiboot_data,
     setup_multiboot_vcpus,
@@ -494,6 +513,7 @@ RESTORE_RECIPE: tuple[Step, ...] = (
     create_device_manager,
     restore_devices,
     create_vcpus,
+    pin_vcpus,
     track_dirty_pages,
     restore_kernel_devices,
 )
@@ -548,12 +568,15 @@ def restore_vm(directory: Path, console_output: Callable[[bytes], None], lazy: b
     memory = open_chain_memory(chain, lazy=lazy, verify=verify)
     vmm = assemble_vm(chain[-1].state.machine, memory, console_output, kvm)
     vmm.last_snapshot = (chain[-1].directory, chain[-1].state.snapshot_id)
-    if track_dirty:
-        try:
+    try:
+        if chain[-1].state.watches:  # the write watches armed when the snapshot was taken
+            from pyrovisor.introspect.write_monitor import rearm_watches
+            rearm_watches(vmm, chain[-1].state.watches)
+        if track_dirty:
             vmm.snapshot_log = vmm.dirty.subscribe()
-        except BaseException:
-            vmm.close()
-            raise
+    except BaseException:
+        vmm.close()
+        raise
     return vmm
 
 

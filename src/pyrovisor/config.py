@@ -95,6 +95,7 @@ class MachineConfig:
     tpm: TpmConfig | None = None
     boot_protocol: str = BOOT_PYROVISOR
     modules: tuple[ModuleConfig, ...] = ()  # Multiboot modules after the initrd (which is module 0 when given)
+    stealth: bool = False  # hide the hypervisor from the guest where KVM allows (arch/x86_64/stealth.py)
 
     def validate(self) -> None:
         check_memory_size(self.memory_size, format_size(self.memory_size))

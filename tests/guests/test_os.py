@@ -165,14 +165,16 @@ def test_freed_pages_come_back_zeroed_through_the_discard_port() -> None:
     assert first_exit < second_fill, "the second memcheck must start after the first gave its memory back"
     assert run.line(r"^PASS: memcheck 2: 16 MiB of new memory read as zero")
     reused = int(run.line(r"^os: (?P<pages>\d+) pages reused after the host discarded them$")["pages"])
-    assert reused >= 4096  # the second process's 16 MiB came (almost) entirely from the first
+    # Most of the second process's 16 MiB came from the first: how much exactly depends on where the free gap and
+    # the freed chunks lie, which moves with the size of the program archive (88 % with 20 programs).
+    assert reused >= 3 * 4096 // 4
     assert run.exit_code == 0
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
     ("nosuchprogram x=1", 3, r"^os: no program 'nosuchprogram' in the archive$"),
     ("", 0, r"^os: programs in the archive: blk cache counter exits falseshare fault kwriter memcheck memdirty memwatch net "
-           r"pagetouch ptrchase rng runner sysbench tpm vsock wset$"),
+           r"pagetouch ptrchase rng runner sysbench tpm vmdetect vsock wset$"),
     ("counter; kernel hz=5", 3, r"^os: kernel option hz=5 is outside 10\.\.10000$"),
     ("counter; kernel hz=100 bogus=1", 3, r"^os: unknown kernel option 'bogus'$"),
     ("  ; counter count=1 period_ms=1 ;; kernel quiet=1  ", 0, r"^PASS: counter 1: 1 beats"),

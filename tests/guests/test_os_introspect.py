@@ -4,12 +4,11 @@ the kernel profile, and finds what the guest itself reports."""
 from __future__ import annotations
 
 import re
-import threading
-import time
 
 import pytest
 
 from pyrovisor.builder import build_vm
+from pyrovisor.capture import Console
 from pyrovisor.catalog import guests_dir
 from pyrovisor.config import MachineConfig
 from pyrovisor.introspect import GuestKernel, guest_profile, load_archive
@@ -20,31 +19,6 @@ pytestmark = pytest.mark.kvm
 MiB = 1 << 20
 PROGRAMS = ("counter count=0 period_ms=20; memcheck mib=4 passes=0 interval_ms=20; kwriter keep=1; "
             "counter count=0 period_ms=30 cpu=1")
-
-
-class Console:
-    """Console output as it arrives, with a wait for a pattern."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.changed = threading.Condition()
-
-    def write(self, chunk: bytes) -> None:
-        with self.changed:
-            self.data.extend(chunk)
-            self.changed.notify_all()
-
-    def text(self) -> str:
-        with self.changed:
-            return self.data.decode(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while not re.search(pattern, self.data.decode(errors="replace"), re.MULTILINE):
-                remaining = deadline - time.monotonic()
-                assert remaining > 0, f"no {pattern!r} in:\n{self.data.decode(errors='replace')}"
-                self.changed.wait(remaining)
 
 
 def start_os(console: Console) -> Vmm:

@@ -25,6 +25,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pyrovisor.lab.cli",
     "pyrovisor.api.host_commands",
     "pyrovisor.api.attest_commands",
+    "pyrovisor.api.top_commands",
+    "pyrovisor.api.monitor_commands",
+    "pyrovisor.api.forensics_commands",
 )
 TRACEBACK_VARIABLE = "PYROVISOR_TRACEBACK"  # set to 1 to see the traceback of an unexpected error
 

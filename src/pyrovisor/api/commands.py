@@ -51,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument("--dirty-ring", type=dirty_ring_entries, default=0, metavar="ENTRIES",
                      help="track dirty pages with per-vCPU rings of this many entries (a power of two, at least 256) "
                           "instead of the bitmap")
+    run.add_argument("--accounting", action="store_true", help="charge every exit to the guest process that caused "
+                     "it (the os guest; see `pyrovisor top`, docs/introspection.md section 2)")
+    run.add_argument("--stealth", action="store_true", help="hide the hypervisor where KVM allows: CPUID without the "
+                     "hypervisor bit and leaves, the host's brand string, no firmware string naming pyrovisor, vCPUs "
+                     "pinned to host CPUs (docs/introspection.md section 3)")
     add_device_arguments(run)
     add_jail_arguments(run)
     add_seccomp_argument(run)
@@ -96,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
         initrd=args.initrd if args.initrd is not None else (spec.initrd if spec else None),
         dirty_ring_entries=args.dirty_ring,
         disks=tuple(args.disk), nets=tuple(args.net), rng=args.rng, vsock=args.vsock, balloon=args.balloon,
-        tpm=args.tpm, boot_protocol=protocol, modules=tuple(args.module),
+        tpm=args.tpm, boot_protocol=protocol, modules=tuple(args.module), stealth=args.stealth,
     )
     jailed = enter_jail(args, machine=config)
     if jailed is not None:  # the launcher, outside the jail: the jailed VMM's exit code
@@ -104,7 +109,23 @@ def _run(args: argparse.Namespace) -> int:
     configure_seccomp(args)
     console = StdoutConsole()
     with build_vm(config, console) as vmm:
+        if config.stealth:
+            host_message(f"pyrovisor: stealth: {stealth_report(vmm)}")
+        if args.accounting:
+            from pyrovisor.introspect.accounting import set_accounting
+            set_accounting(vmm, True)
         return drive(vmm, console, args.api, args.timeout)
+
+
+def stealth_report(vmm: Vmm) -> str:
+    """What --stealth did for this VM, and whether this KVM can hide time spent in exits (it cannot everywhere)."""
+    from pyrovisor.arch.x86_64.stealth import probe_tsc_compensation
+    from pyrovisor.kvm import Cap
+
+    tsc = probe_tsc_compensation(vmm.vcpus[0].fd.fd, bool(vmm.kvm.check_extension(Cap.TSC_CONTROL)))
+    pinned = ", ".join(f"vCPU {vcpu.index} on CPU {min(vcpu.host_cpus)}" for vcpu in vmm.vcpus if vcpu.host_cpus)
+    return (f"CPUID without hypervisor bit and leaves, host brand string; neutral firmware strings; {pinned}; "
+            f"TSC compensation {'available' if tsc.available else 'unavailable'} ({tsc.reason})")
 
 
 def drive(vmm: Vmm, console: StdoutConsole, api_socket: Path | None, timeout: float | None,

@@ -44,6 +44,10 @@ class VmRoutes:
         add_balloon_routes(self.routes, vmm)
         from pyrovisor.api.tpm_routes import add_tpm_routes
         add_tpm_routes(self.routes, vmm)
+        from pyrovisor.api.accounting_routes import add_accounting_routes
+        add_accounting_routes(self.routes, vmm)
+        from pyrovisor.api.monitor_routes import add_monitor_routes
+        add_monitor_routes(self.routes, vmm, self.migrate)  # also refuses /migrate while write watches are armed
         self.migration: BackgroundMigration | None = None
 
     def status(self, body: JsonObject) -> JsonObject:

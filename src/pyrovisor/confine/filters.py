@@ -108,7 +108,8 @@ POLICIES: dict[str, ThreadPolicy] = {
             # A device started by the driver (virtio status) adds its sources to the event loop, directly on
             # the loop's epoll when the loop thread is not running (the VM stopping).
             *_allow("epoll_ctl"),
-        )),
+        # Write monitoring disassembles the trapping instruction here: capstone's library, loaded beforehand.
+        ), preload=("?capstone@pyrovisor.introspect.write_monitor",)),
         ThreadPolicy("io", "the event loop: doorbells (ioeventfd), backends (tap, disk files, vsock sockets)", (
             *_PYTHON,
             # epoll over the sources; eventfds and taps are read and written.
@@ -179,8 +180,12 @@ POLICIES: dict[str, ThreadPolicy] = {
             *_allow("select", "pselect6", "poll", "read"),
             *_ioctls(*_INTERRUPTS),  # the UART's interrupt line, raised by a key
         )),
-        ThreadPolicy("wss", "the working-set estimator: arms and disarms userfaultfd samples", (
+        ThreadPolicy("wss", "the working-set estimator: arms and disarms userfaultfd samples; the write monitor's "
+                     "uffd-mode record reader", (
             *_PYTHON, *_kick(),
+            # The write monitor's uffd mode (introspect/write_monitor_uffd.py): its fault server registers and
+            # protects the pages itself, in its own process; this thread only receives the records (recvfrom) and
+            # appends them to the watches' log files (write).
             # Registering sampled pages with userfaultfd (the fault server process answers the faults), putting
             # pages back; talking to the fault server.
             *_ioctls(userfault.UFFDIO_REGISTER, userfault.UFFDIO_UNREGISTER, userfault.UFFDIO_COPY,

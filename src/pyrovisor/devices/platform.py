@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pyrovisor.arch.x86_64.layout import VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_WINDOW
+from pyrovisor.arch.x86_64.stealth import firmware_strings
 from pyrovisor.config import MachineConfig
 from pyrovisor.devices.console import COM1_IRQ, COM1_PORT, PORT_COUNT, SerialConsole, SerialConsoleArgs
 from pyrovisor.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit, DebugExitState
@@ -224,7 +226,9 @@ def virtio_devices(config: MachineConfig) -> list[tuple[str, str, Any]]:
 
 
 def attach_virtio(manager: DeviceManager, config: MachineConfig) -> None:
+    vendor_id = firmware_strings(config.stealth).virtio_vendor_id  # --stealth: not pyrovisor's "PYRV"
     for index, (name, kind, state) in enumerate(virtio_devices(config)):
+        state = replace(state, transport=replace(state.transport, vendor_id=vendor_id))
         manager.attach(name, kind, virtio_placement(index), state)
 
 

@@ -6,6 +6,7 @@ import ctypes
 import errno
 import mmap
 import os
+import struct
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
@@ -13,7 +14,7 @@ from typing import TypeVar
 from pyrovisor.arch.x86_64.cpuid import CpuidEntry
 from pyrovisor.errors import KvmError
 from pyrovisor.kvm import uapi
-from pyrovisor.kvm.exits import IMMEDIATE_EXIT_OFFSET, ExitDecoder, Interrupted, VcpuExit
+from pyrovisor.kvm.exits import IMMEDIATE_EXIT_OFFSET, ExitDecoder, Interrupted, VcpuExit, field_offset
 from pyrovisor.kvm.flexible import FlexibleBuffer
 from pyrovisor.kvm.ioctl import ioctl_int, ioctl_ptr, ioctl_struct, raw_ioctl
 
@@ -21,6 +22,11 @@ PAGE_SIZE = 4096
 KVM_RUN = uapi.KVM_RUN
 _ioctl = raw_ioctl()
 _S = TypeVar("_S", bound=ctypes.Structure)
+_U64_AT = struct.Struct("<Q")
+VALID_REGS_OFFSET = field_offset(uapi.kvm_run, "kvm_valid_regs")
+# kvm_run.s.regs.sregs.cr3 as an index into the page read as 64-bit words (KVM_SYNC_X86_SREGS).
+CR3_WORD = (field_offset(uapi.kvm_run, "s") + field_offset(uapi.kvm_sync_regs, "sregs")
+            + field_offset(uapi.kvm_sregs, "cr3")) // 8
 
 
 class VcpuFd:
@@ -54,6 +60,16 @@ class VcpuFd:
     @property
     def exit_reason(self) -> int:
         return self._decoder.exit_reason()
+
+    def share_sregs(self, enabled: bool) -> None:
+        """Ask KVM to copy the special registers into kvm_run on every exit (KVM_SYNC_REGS), or stop asking.
+
+        While shared, `sregs_words()[CR3_WORD]` is the guest's CR3 at the last exit: no KVM_GET_SREGS ioctl."""
+        _U64_AT.pack_into(self.run_page, VALID_REGS_OFFSET, uapi.KVM_SYNC_X86_SREGS if enabled else 0)
+
+    def sregs_words(self) -> memoryview:
+        """The kvm_run page as 64-bit words, to read shared registers by index (see `share_sregs`)."""
+        return memoryview(self.run_page).cast("Q")
 
     def coalesced_mmio_ring(self) -> memoryview:
         """The coalesced MMIO/PIO ring page inside the vCPU mapping."""

@@ -27,6 +27,17 @@ PAGEFAULT_FLAG_WRITE = 1
 MESSAGE = struct.Struct("<BBHIQQ8x")  # event, reserved, reserved, reserved, flags, address, (thread id)
 PAGE_SIZE = 4096
 MADV_DONTNEED = 4
+# Write protection (the write monitor's uffd mode): register with REGISTER_MODE_WP, then UFFDIO_WRITEPROTECT
+# (struct uffdio_writeprotect: start, len, mode) sets or lifts the protection; lifting it wakes the writer.
+UFFDIO_WRITEPROTECT = 0xC018AA06
+REGISTER_MODE_WP = 2
+WRITEPROTECT_MODE_WP = 1
+PAGEFAULT_FLAG_WP = 2
+FEATURE_PAGEFAULT_FLAG_WP = 1 << 0  # write-protect faults are reported
+FEATURE_THREAD_ID = 1 << 8  # a fault carries the faulting thread's id
+FEATURE_EXACT_ADDRESS = 1 << 11  # a fault carries the exact address, not its page's
+FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12  # write protection of shared memory (memfd-backed RAM)
+FEATURE_WP_UNPOPULATED = 1 << 13  # protecting a page never touched yet works (else its first write is not seen)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -126,6 +137,38 @@ class UserFaultFd:
 
     def close(self) -> None:
         self._close()
+
+
+def open_with_features(wanted: int, required: int = 0) -> tuple[int, int]:
+    """A new userfaultfd (non-blocking, close-on-exec) with the features of `wanted` this kernel offers, and those
+    granted. The offer is read from a first handshake on a throw-away fd (a fd takes one handshake only)."""
+    offered = _handshake(_create(), 0, close=True)
+    if offered & required != required:
+        raise UserFaultError("handshake", errno.EOPNOTSUPP, f"the kernel lacks features {required & ~offered:#x}")
+    fd = _create()
+    return fd, _handshake(fd, wanted & offered, close=False) & wanted
+
+
+def _create() -> int:
+    fd = int(_libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK))
+    if fd < 0:
+        error = ctypes.get_errno()
+        hint = "it needs CAP_SYS_PTRACE, or vm.unprivileged_userfaultfd=1" if error == errno.EPERM else ""
+        raise UserFaultError("create", error, hint)
+    return fd
+
+
+def _handshake(fd: int, features: int, close: bool) -> int:
+    """UFFDIO_API asking for `features`: the features the kernel reports."""
+    request = bytearray(struct.pack("<QQQ", UFFD_API, features, 0))
+    try:
+        fcntl.ioctl(fd, UFFDIO_API, request)
+    except OSError as exc:
+        os.close(fd)
+        raise UserFaultError("handshake", exc.errno or 0) from None
+    if close:
+        os.close(fd)
+    return int(struct.unpack_from("<Q", request, 8)[0])
 
 
 def drop_pages(address: int, length: int) -> None:

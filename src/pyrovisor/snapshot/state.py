@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyrovisor.introspect.watch import Watch
 from pyrovisor.persist.machine import MachineState
 
 FULL = "full"
@@ -46,3 +47,4 @@ class SnapshotState:
     machine: MachineState
     memory: MemoryImage
     base: BaseReference | None = None
+    watches: tuple[Watch, ...] = ()  # write watches armed when it was taken: re-armed on restore

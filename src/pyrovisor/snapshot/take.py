@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pyrovisor import __version__
 from pyrovisor.errors import ConfigError, StateError
+from pyrovisor.introspect.write_monitor import saved_watches
 from pyrovisor.memory import PageSet
 from pyrovisor.snapshot.file_format import write_state_file
 from pyrovisor.snapshot.memory_file import file_sha256, write_diff_image, write_full_image
@@ -123,6 +124,7 @@ def _write_snapshot(vmm: Vmm, directory: Path, kind: str) -> SnapshotReport:
             machine=machine,
             memory=replace(image, sha256=file_sha256(memory_path)),
             base=base,
+            watches=saved_watches(vmm),
         )
         write_state_file(directory / STATE_FILE, state)
     except BaseException:

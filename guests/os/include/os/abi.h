@@ -28,7 +28,9 @@
                               index */
 #define SYS_VIRTIO_WAIT 18 /* (device index, timeout ms): sleeps until the device's interrupt; returns how many
                               interrupts arrived since the last call (0: timed out) */
-#define SYS_COUNT 19
+#define SYS_CPUID 19 /* (leaf, subleaf, uint32_t out[4]): CPUID executed by the kernel (CPL0), for programs that
+                         compare it with their own (vmdetect: kvm_pvm emulates CPL0 and honours KVM_SET_CPUID2) */
+#define SYS_COUNT 20
 
 #define MAP_HUGE 1u /* back the region with 2 MiB pages (one fault per 2 MiB) */
 #define MAP_CACHE 2u /* a "page cache" region: counted as CACHES in the balloon statistics, and taken back by the

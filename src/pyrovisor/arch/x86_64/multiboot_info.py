@@ -67,7 +67,7 @@ def memory_map(ram: tuple[RamRange, ...]) -> tuple[MemoryMapEntry, ...]:
 
 
 def boot_data_page(gdt: bytes, ram: tuple[RamRange, ...], cmdline_gpa: int, modules: tuple[BootModule, ...],
-                   base: int = BOOT_DATA_GPA) -> bytes:
+                   base: int = BOOT_DATA_GPA, loader_name: bytes = BOOT_LOADER_NAME) -> bytes:
     """The boot-data page image for `base`: the GDT, the information structure (at base + INFO_OFFSET) and
     everything it points to inside the page. The command line and module strings live elsewhere."""
     if len(modules) > MAX_MODULES:
@@ -78,7 +78,7 @@ def boot_data_page(gdt: bytes, ram: tuple[RamRange, ...], cmdline_gpa: int, modu
     for index, entry in enumerate(entries):
         struct.pack_into("<IQQI", page, MMAP_OFFSET + index * (4 + MMAP_ENTRY_SIZE), MMAP_ENTRY_SIZE, entry.base,
                          entry.length, entry.type)
-    page[NAME_OFFSET:NAME_OFFSET + len(BOOT_LOADER_NAME) + 1] = BOOT_LOADER_NAME + b"\0"
+    page[NAME_OFFSET:NAME_OFFSET + len(loader_name) + 1] = loader_name + b"\0"
     for index, module in enumerate(modules):
         struct.pack_into("<IIII", page, MODULES_OFFSET + index * MODULE_ENTRY_SIZE, module.start, module.end,
                          module.string_gpa, 0)

@@ -66,6 +66,7 @@ class TransportState:
     config_generation: int = 0
     queues: tuple[QueueState, ...] = ()
     broken: str = ""  # why the device set DEVICE_NEEDS_RESET, if it did
+    vendor_id: int = VENDOR_ID  # what the VendorID register reads (--stealth: a neutral one, arch/x86_64/stealth.py)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class VirtioMmio:
         self.interrupt_status = state.interrupt_status & (USED_BUFFER | CONFIG_CHANGE)
         self.config_generation = state.config_generation
         self.broken = state.broken
+        self.vendor_id = state.vendor_id & 0xFFFFFFFF
         for queue, saved in zip(self.queues, state.queues, strict=False):
             queue.load(saved)
         if self.status & DRIVER_OK and not self.status & NEEDS_RESET:
@@ -185,7 +187,8 @@ class VirtioMmio:
         with self.lock:
             return TransportState(self.status, self.device_features_sel, self.driver_features,
                                   self.driver_features_sel, self.queue_sel, self.interrupt_status,
-                                  self.config_generation, tuple(queue.save() for queue in self.queues), self.broken)
+                                  self.config_generation, tuple(queue.save() for queue in self.queues), self.broken,
+                                  self.vendor_id)
 
     # --- registers (vCPU threads) -----------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -204,7 +207,7 @@ class VirtioMmio:
         if offset == DEVICE_ID:
             return self.device.device_id
         if offset == VENDOR:
-            return VENDOR_ID
+            return self.vendor_id
         if offset == DEVICE_FEATURES:
             offered = self.offered_features
             return (offered >> (32 * self.device_features_sel)) & 0xFFFFFFFF if self.device_features_sel < 2 else 0

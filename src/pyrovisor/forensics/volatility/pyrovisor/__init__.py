@@ -1,0 +1,1 @@
+"""volatility3 plugins for the pyrovisor OS guest (`vol pyrovisor.pslist`)."""
