@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,22 +91,18 @@ class DeviceCharge:
         self.by_owner: dict[int, list[int]] = {}  # owner pid (0: the kernel's, -1: not found) -> [calls, ns]
         self._owner_gpa: int | None = None
 
-    def wrap(self, process: Any) -> Any:
-        thread_time = time.thread_time_ns
-
-        def charged_process(index: int) -> None:
-            if not self.accountant.enabled:
-                process(index)
-                return
-            started = thread_time()
-            try:
-                process(index)
-            finally:
-                tally = self.by_owner.setdefault(self.owner_pid(), [0, 0])
-                tally[0] += 1
-                tally[1] += thread_time() - started
-
-        return charged_process
+    def run(self, process: Callable[[int], None], index: int) -> None:
+        """The transport's `queue_work`: run the device's work on queue `index`, timed and charged while enabled."""
+        if not self.accountant.enabled:
+            process(index)
+            return
+        started = time.thread_time_ns()
+        try:
+            process(index)
+        finally:
+            tally = self.by_owner.setdefault(self.owner_pid(), [0, 0])
+            tally[0] += 1
+            tally[1] += time.thread_time_ns() - started
 
     def owner_pid(self) -> int:
         """The pid the guest kernel lent this device to now: 0 when the kernel holds it, -1 when unknown."""
@@ -254,7 +251,7 @@ class Accountant:
             if not isinstance(transport, VirtioMmio):
                 continue
             charge = DeviceCharge(self, transport.name, transport.wiring.base)
-            transport.device.process = charge.wrap(transport.device.process)  # type: ignore[method-assign]
+            transport.queue_work = charge.run
             self.devices.append(charge)
 
 
