@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyrovisor.errors import LoaderError, PyrovisorError, StateError
-from pyrovisor.introspect.kernel import GuestKernel
+from pyrovisor.introspect.kernel import GuestKernel, page_table_root
 from pyrovisor.introspect.profile import Profile, guest_profile
 
 if TYPE_CHECKING:
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from pyrovisor.vmm import Vmm
 
 KINDS = ("pio", "mmio", "hlt", "interrupted", "other")
-CR3_ADDRESS_MASK = 0x000F_FFFF_FFFF_F000  # CR3 bits 51:12 (the low bits hold PCID or PWT/PCD flags)
 TallyKey = tuple[str, int]  # (kind, port / MMIO address / exit reason / 0)
 
 
@@ -155,8 +154,9 @@ class Accountant:
         if profile is None:
             return cls(memory, vcpu_count, None, None)
         kernel = GuestKernel(memory, profile)
-        info = profile.symbol("os_info").address + profile.struct("os_info").field("next_pid").offset
-        return cls(memory, vcpu_count, kernel, profile.image_physical(info))
+        next_pid_gpa, size = kernel.next_pid_location()
+        assert size == 4, "the run loop reads next_pid as one u32"
+        return cls(memory, vcpu_count, kernel, next_pid_gpa)
 
     def memory_view(self, gpa: int, size: int) -> memoryview:
         """A window on guest memory for a run loop to read a kernel word per exit (release it when done)."""
@@ -164,7 +164,7 @@ class Accountant:
 
     def resolve(self, cr3: int) -> Owner:
         """The owner of a CR3 value at this moment. Never raises: the guest's state is not trusted."""
-        root = cr3 & CR3_ADDRESS_MASK
+        root = page_table_root(cr3)
         kernel = self.kernel
         if kernel is None:
             return Owner(None, f"cr3 {root:#x}", root)
@@ -174,7 +174,7 @@ class Accountant:
             processes = kernel.processes()
         except (PyrovisorError, ValueError, KeyError, AssertionError):  # a table caught mid-update, or garbage
             return Owner(None, "unresolved", root)
-        matching = [process for process in processes if process.cr3 & CR3_ADDRESS_MASK == root]
+        matching = [process for process in processes if page_table_root(process.cr3) == root]
         live = [process for process in matching if process.state != "exited"]
         chosen = (live or matching)[-1:] if matching else []
         if not chosen:

@@ -12,6 +12,12 @@ from pyrovisor.errors import GuestMemoryError, StateError
 from pyrovisor.introspect.profile import Profile
 
 _NO_AFFINITY = -1
+CR3_ADDRESS_MASK = 0x000F_FFFF_FFFF_F000  # CR3 bits 51:12 (the low bits hold PCID or PWT/PCD flags)
+
+
+def page_table_root(cr3: int) -> int:
+    """The physical address of the top page table a CR3 value points to (what a process's `cr3` field holds)."""
+    return cr3 & CR3_ADDRESS_MASK
 
 
 class MemoryReader(Protocol):
@@ -89,6 +95,12 @@ class GuestKernel:
         self.memory = memory
         self.profile = profile
         self.root = profile.image_physical(profile.symbol("kernel_pml4").address)
+
+    def next_pid_location(self) -> tuple[int, int]:
+        """(physical address, size) of `os_info.next_pid`, readable without a page walk: when it moves, a new
+        process may have taken over the page tables (the CR3) of one that exited, so caches by CR3 go stale."""
+        field = self.profile.struct("os_info").field("next_pid")
+        return self.profile.image_physical(self.profile.symbol("os_info").address) + field.offset, field.size
 
     # --- addresses ----------------------------------------------------------------------------
     def translate(self, virtual_address: int, cr3: int | None = None) -> int:

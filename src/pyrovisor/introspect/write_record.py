@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyrovisor.arch.x86_64.paging import walk
 from pyrovisor.errors import GuestMemoryError, MissingExtraError, PyrovisorError
-from pyrovisor.introspect.kernel import GuestKernel, MemoryReader
+from pyrovisor.introspect.kernel import GuestKernel, MemoryReader, page_table_root
 
 if TYPE_CHECKING:
     from pyrovisor.vstate.vcpu import Vcpu
@@ -57,9 +57,7 @@ class WriteRecorder:
         self._next_pid_at: tuple[int, int] | None = None
         self._next_pid = -1
         if kernel is not None:
-            field = kernel.profile.struct("os_info").field("next_pid")
-            self._next_pid_at = (kernel.profile.image_physical(kernel.profile.symbol("os_info").address)
-                                 + field.offset, field.size)
+            self._next_pid_at = kernel.next_pid_location()
 
     def record(self, vcpu: Vcpu | None, gpa: int, size: int, old: int, new: int, watch: int) -> dict[str, Any]:
         document: dict[str, Any] = {"time": round(time.time(), 6), "vcpu": None, "pid": None, "process": None,
@@ -84,8 +82,8 @@ class WriteRecorder:
     def process(self, cr3: int) -> GuestProcess:
         if self.kernel is None:
             return UNKNOWN
-        root = cr3 & ~0xFFF
-        if root == self.kernel.root & ~0xFFF:
+        root = page_table_root(cr3)
+        if root == self.kernel.root:
             return KERNEL
         known = self._by_cr3.get(root)
         if known is not None:
@@ -94,7 +92,7 @@ class WriteRecorder:
             live = [process for process in self.kernel.processes() if process.state != "exited"]
         except PyrovisorError:
             return UNKNOWN
-        self._by_cr3 = {process.cr3 & ~0xFFF: GuestProcess(process.pid, process.name) for process in live}
+        self._by_cr3 = {page_table_root(process.cr3): GuestProcess(process.pid, process.name) for process in live}
         return self._by_cr3.get(root, UNKNOWN)
 
     def _forget_if_new_processes(self) -> None:
@@ -119,7 +117,7 @@ class WriteRecorder:
         the candidates are the decodings that end exactly at `next_rip` with a memory operand of the write's
         size; the longest one is taken.
         """
-        key = (0 if next_rip >= KERNEL_HALF else cr3 & ~0xFFF, next_rip, size)
+        key = (0 if next_rip >= KERNEL_HALF else page_table_root(cr3), next_rip, size)
         known = self._writers.get(key)
         if known is not None:
             return known
@@ -165,7 +163,7 @@ class WriteRecorder:
         code = b""
         while len(code) < length:
             try:
-                translation = walk(self.memory.read_u64, cr3 & ~0xFFF, address)
+                translation = walk(self.memory.read_u64, page_table_root(cr3), address)
                 chunk = min(length - len(code), translation.page_size - address % translation.page_size)
                 code += self.memory.read(translation.physical_address, chunk)
             except GuestMemoryError:
