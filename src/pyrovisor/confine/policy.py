@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyrovisor.errors import ConfigError, PyrovisorError, SeccompViolation
+from pyrovisor.helper_process import reap, start_helper
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,8 @@ class Confinement:
             if threading.active_count() == 1:  # the command line, before anything started: a fork is safe
                 self._pid = _fork_supervisor(ours, theirs, mode)
             else:  # threads exist (a library or test process): a fresh interpreter
-                self._process = subprocess.Popen(
-                    [sys.executable, "-m", "pyrovisor.confine.supervisor", str(theirs.fileno()), mode,
-                     str(os.getpid())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
+                self._process = start_helper("pyrovisor.confine.supervisor",
+                                             [str(theirs.fileno()), mode, str(os.getpid())], [theirs.fileno()])
         finally:
             theirs.close()
         self._ids = itertools.count(1)
@@ -183,11 +183,7 @@ class Confinement:
     def close(self) -> None:
         self._channel.close()
         if self._process is not None:
-            try:
-                self._process.wait(2.0)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            reap(self._process, 2.0)
         elif self._pid is not None:
             os.waitpid(self._pid, 0)
 

@@ -6,7 +6,6 @@ import contextlib
 import os
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyrovisor.confine.policy import enter_thread, start_thread
 from pyrovisor.errors import ConfigError, PyrovisorError
+from pyrovisor.helper_process import reap, start_helper
 from pyrovisor.memory.region import Backing
 from pyrovisor.memory.userfault import (
     FEATURE_EXACT_ADDRESS,
@@ -114,9 +114,7 @@ class UffdWriteWatcher:
             records, records_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 theirs = (control_theirs.fileno(), records_theirs.fileno())
-                self._process = subprocess.Popen(
-                    [sys.executable, "-m", "pyrovisor.introspect.wp_fault_server", *map(str, theirs)],
-                    pass_fds=theirs, stdin=subprocess.DEVNULL, start_new_session=True)
+                self._process = start_helper("pyrovisor.introspect.wp_fault_server", [str(fd) for fd in theirs], theirs)
             finally:
                 control_theirs.close()
                 records_theirs.close()
@@ -207,11 +205,7 @@ class UffdWriteWatcher:
             with contextlib.suppress(OSError):
                 control.close()
         if self._process is not None:
-            try:
-                self._process.wait(SERVER_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            reap(self._process, SERVER_TIMEOUT_S)
         self._reader.join(SERVER_TIMEOUT_S)
         if self._records is not None:
             self._records.close()

@@ -10,13 +10,12 @@ import os
 import random
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 
 from pyrovisor.errors import ConfigError, PyrovisorError
+from pyrovisor.helper_process import reap, start_helper
 from pyrovisor.memory import GuestMemory
 from pyrovisor.memory.region import Backing, MemoryRegion
 from pyrovisor.memory.userfault import PAGE_SIZE, UserFaultError, UserFaultFd, drop_pages
@@ -40,9 +39,7 @@ class FaultServer:
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._process = subprocess.Popen([sys.executable, "-m", "pyrovisor.wss.fault_server", str(theirs.fileno())],
-                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                             start_new_session=True)  # a terminal's Ctrl-C is the VMM's to handle
+            self._process = start_helper("pyrovisor.wss.fault_server", [str(theirs.fileno())], [theirs.fileno()])
         finally:
             theirs.close()
         ours.settimeout(SERVER_TIMEOUT_S)
@@ -67,11 +64,7 @@ class FaultServer:
             if FaultServer._instance is self:
                 FaultServer._instance = None
         self._socket.close()
-        try:
-            self._process.wait(SERVER_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        reap(self._process, SERVER_TIMEOUT_S)
 
     def command(self, text: str, fds: tuple[int, ...] = ()) -> None:
         with self._lock:
