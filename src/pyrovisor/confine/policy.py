@@ -70,6 +70,7 @@ class Confinement:
             theirs.close()
         self._ids = itertools.count(1)
         self._entries: dict[int, _Entry] = {}
+        self._programs: dict[str, bytes] = {}  # kind -> its compiled filter: every vCPU thread loads the same one
         self._lock = threading.Lock()  # held while reading and handling reports (see settle)
         self.violations: list[SeccompViolation] = []
         self.reported: set[tuple[str, str]] = set()  # (kind, syscall) already logged in audit mode
@@ -99,14 +100,20 @@ class Confinement:
     def enter(self, kind: str, on_denied: OnDenied | None) -> None:
         """Load the filter of `kind` into the calling thread and hand its listener to the supervisor."""
         from pyrovisor.confine.filters import build_filter, channel_rules, policy
+        from pyrovisor.confine.seccomp import load_program
 
         _preload(policy(kind).preload)
         ident = next(self._ids)
         thread = threading.current_thread()
         with self._lock:
             self._entries[ident] = _Entry(kind, thread.name, on_denied)
-        with build_filter(kind, extra=channel_rules(self.channel_fd)) as compiled:
-            listener = compiled.load(listener=True)
+        program = self._programs.get(kind)
+        if program is None:
+            with build_filter(kind, extra=channel_rules(self.channel_fd)) as compiled:
+                program = compiled.bpf()
+            if not policy(kind).kills_children:  # its rules depend on the children of the moment: not kept
+                self._programs[kind] = program
+        listener = load_program(program, listener=True)
         assert listener is not None
         try:
             message = json.dumps({"op": "listen", "id": ident, "kind": kind, "thread": thread.name,

@@ -221,22 +221,8 @@ class Filter:
         return len(self.bpf()) // 8
 
     def load(self, listener: bool) -> int | None:
-        """Load the filter into the calling thread only (it then applies to the threads it creates later).
-
-        libseccomp compiles the program (`bpf()`); it is loaded with seccomp(2) directly because
-        seccomp_load() keeps one notification fd per process, and each thread here loads its own filter with
-        its own listener. With `listener`, returns the new notification fd (SECCOMP_FILTER_FLAG_NEW_LISTENER).
-        """
-        program = self.bpf()
-        buffer = ctypes.create_string_buffer(program, len(program))
-        fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
-        if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise SeccompError("prctl(PR_SET_NO_NEW_PRIVS)", ctypes.get_errno())
-        flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
-        rc = _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog))
-        if rc < 0:
-            raise SeccompError("seccomp(SECCOMP_SET_MODE_FILTER)", ctypes.get_errno())
-        return int(rc) if listener else None
+        """Load the filter into the calling thread only (see load_program)."""
+        return load_program(self.bpf(), listener)
 
     def close(self) -> None:
         if self._ctx is not None:
@@ -248,6 +234,25 @@ class Filter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def load_program(program: bytes, listener: bool) -> int | None:
+    """Load a BPF program libseccomp compiled (`Filter.bpf()`) into the calling thread only (it then applies to
+    the threads it creates later).
+
+    It is loaded with seccomp(2) directly because seccomp_load() keeps one notification fd per process, and each
+    thread here loads its own filter with its own listener. With `listener`, returns the new notification fd
+    (SECCOMP_FILTER_FLAG_NEW_LISTENER).
+    """
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise SeccompError("prctl(PR_SET_NO_NEW_PRIVS)", ctypes.get_errno())
+    flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
+    rc = _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog))
+    if rc < 0:
+        raise SeccompError("seccomp(SECCOMP_SET_MODE_FILTER)", ctypes.get_errno())
+    return int(rc) if listener else None
 
 
 class Notifications:
