@@ -5,7 +5,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from pyrovisor.api.server import ApiError, JsonObject, Routes
+from pyrovisor.api.server import ApiError, JsonObject, Routes, reject_unknown_fields
 from pyrovisor.errors import PyrovisorError
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ class AccountingRoutes:
     def get(self, body: JsonObject) -> JsonObject:
         from pyrovisor.introspect.accounting import accountant_of, profile_for
 
-        _only(body, set())
+        reject_unknown_fields(body, set())
         accountant = accountant_of(self.vmm)
         if accountant is None:
             try:
@@ -40,7 +40,7 @@ class AccountingRoutes:
         """{"enabled": true|false}: start or stop charging exits to processes (the vCPUs park for the switch)."""
         from pyrovisor.introspect.accounting import set_accounting
 
-        _only(body, {"enabled"})
+        reject_unknown_fields(body, {"enabled"})
         enabled = body.get("enabled")
         if not isinstance(enabled, bool):
             raise ApiError(HTTPStatus.BAD_REQUEST, "field 'enabled' must be true or false")
@@ -49,9 +49,3 @@ class AccountingRoutes:
         except PyrovisorError as exc:
             raise ApiError(HTTPStatus.CONFLICT, str(exc)) from None
         return {"enabled": accountant.enabled}
-
-
-def _only(body: JsonObject, allowed: set[str]) -> None:
-    unknown = sorted(body.keys() - allowed)
-    if unknown:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field(s): {', '.join(unknown)}")

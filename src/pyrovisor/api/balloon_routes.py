@@ -7,7 +7,7 @@ import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from pyrovisor.api.server import ApiError, JsonObject, Routes
+from pyrovisor.api.server import ApiError, JsonObject, Routes, reject_unknown_fields
 
 if TYPE_CHECKING:
     from pyrovisor.devices.virtio.balloon import VirtioBalloon
@@ -29,12 +29,12 @@ class BalloonRoutes:
         self.vmm = vmm
 
     def get(self, body: JsonObject) -> JsonObject:
-        _only(body, set())
+        reject_unknown_fields(body, set())
         return balloon_document(self._balloon())
 
     def set_target(self, body: JsonObject) -> JsonObject:
         """{"target_mib": N}: the memory the guest should give back, 0 to all of its RAM."""
-        _only(body, {"target_mib"})
+        reject_unknown_fields(body, {"target_mib"})
         if "target_mib" not in body:
             raise ApiError(HTTPStatus.BAD_REQUEST, "missing field 'target_mib'")
         value = body["target_mib"]
@@ -59,11 +59,6 @@ class BalloonRoutes:
             raise ApiError(HTTPStatus.CONFLICT, "this VM has no balloon (start it with --balloon)")
         return balloon
 
-
-def _only(body: JsonObject, allowed: set[str]) -> None:
-    unknown = sorted(body.keys() - allowed)
-    if unknown:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field(s): {', '.join(unknown)}")
 
 
 def balloon_document(balloon: VirtioBalloon) -> JsonObject:

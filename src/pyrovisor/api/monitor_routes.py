@@ -5,7 +5,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from pyrovisor.api.server import ApiError, JsonObject, RouteHandler, Routes
+from pyrovisor.api.server import ApiError, JsonObject, RouteHandler, Routes, reject_unknown_fields
 
 if TYPE_CHECKING:
     from pyrovisor.vmm import Vmm
@@ -51,7 +51,7 @@ class MonitorRoutes:
         self.vmm = vmm
 
     def list(self, body: JsonObject) -> JsonObject:
-        _only(body, set())
+        reject_unknown_fields(body, set())
         from pyrovisor.introspect.write_monitor import existing_monitor
 
         monitor = existing_monitor(self.vmm)
@@ -63,7 +63,7 @@ class MonitorRoutes:
     def add(self, body: JsonObject) -> JsonObject:
         """One of {"gpa", "size"}, {"pid", "gva", "size"} or {"symbol"}; "log": a JSON-lines file for the records;
         "mode": "memslot" (the default: full records) or "uffd" (userfaultfd write protection, address only)."""
-        _only(body, {"gpa", "gva", "pid", "size", "symbol", "log", "mode"})
+        reject_unknown_fields(body, {"gpa", "gva", "pid", "size", "symbol", "log", "mode"})
         from pyrovisor.introspect.write_monitor import monitor_of
 
         log = body.get("log")
@@ -103,7 +103,7 @@ class MonitorRoutes:
         return monitor.describe(watch)
 
     def remove(self, body: JsonObject) -> JsonObject:
-        _only(body, {"id"})
+        reject_unknown_fields(body, {"id"})
         from pyrovisor.introspect.write_monitor import existing_monitor
 
         watch_id = _integer(body, "id")
@@ -116,17 +116,12 @@ class MonitorRoutes:
         return document
 
     def records(self, body: JsonObject) -> JsonObject:
-        _only(body, set())
+        reject_unknown_fields(body, set())
         from pyrovisor.introspect.write_monitor import existing_monitor
 
         monitor = existing_monitor(self.vmm)
         return {"records": [] if monitor is None else list(monitor.recent)}
 
-
-def _only(body: JsonObject, allowed: set[str]) -> None:
-    unknown = sorted(body.keys() - allowed)
-    if unknown:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field(s): {', '.join(unknown)}")
 
 
 def _integer(body: JsonObject, name: str) -> int:

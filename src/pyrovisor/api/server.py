@@ -14,7 +14,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -83,6 +83,13 @@ class ApiError(Exception):
 
     status: HTTPStatus
     message: str
+
+
+def reject_unknown_fields(body: JsonObject, allowed: Iterable[str]) -> None:
+    """A 400 naming the fields of a request body that are not among `allowed`."""
+    unknown = sorted(body.keys() - set(allowed))
+    if unknown:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field(s): {', '.join(unknown)}")
 
 
 @dataclass(frozen=True)

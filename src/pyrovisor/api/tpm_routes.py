@@ -5,7 +5,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from pyrovisor.api.server import ApiError, JsonObject, Routes
+from pyrovisor.api.server import ApiError, JsonObject, Routes, reject_unknown_fields
 from pyrovisor.errors import ConfigError
 from pyrovisor.tpm.commands import NONCE_MAX, check_pcrs
 from pyrovisor.tpm.event_log import QUOTE_PCRS
@@ -29,8 +29,7 @@ class TpmRoutes:
         self.vmm = vmm
 
     def get(self, body: JsonObject) -> JsonObject:
-        if body:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field(s): {', '.join(sorted(body))}")
+        reject_unknown_fields(body, ())
         tpm = self._tpm()
         values = tpm.read_pcrs(SHOWN_PCRS)
         return {"commands": tpm.commands, "errors": tpm.errors, "ak": tpm.ak_public,
@@ -39,9 +38,7 @@ class TpmRoutes:
 
     def quote(self, body: JsonObject) -> JsonObject:
         """{"nonce": HEX, "pcrs": [8, 9]}: the quote document, the boot's event log (base64) and the key."""
-        unknown = sorted(body.keys() - {"nonce", "pcrs"})
-        if unknown:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field(s): {', '.join(unknown)}")
+        reject_unknown_fields(body, ("nonce", "pcrs"))
         nonce = parse_nonce(body.get("nonce"))
         pcrs = parse_pcrs(body.get("pcrs", list(QUOTE_PCRS)))
         tpm = self._tpm()

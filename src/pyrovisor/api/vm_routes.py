@@ -10,7 +10,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyrovisor.api.server import ApiError, JsonObject, Routes
+from pyrovisor.api.server import ApiError, JsonObject, Routes, reject_unknown_fields
 from pyrovisor.errors import LifecycleError
 from pyrovisor.persist.codec import encode
 from pyrovisor.vmm import Vmm
@@ -177,9 +177,7 @@ _CHECKS: dict[type, Callable[[Any], bool]] = {
 def _fields(body: JsonObject, spec: dict[str, tuple[type, Any]]) -> dict[str, Any]:
     """The body's fields checked against `spec` (name → (type, default)): REQUIRED fields must be there,
     a None default also accepts null. Unknown fields and wrong types are 400s and never reach a handler."""
-    unknown = sorted(body.keys() - spec.keys())
-    if unknown:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field(s): {', '.join(unknown)}")
+    reject_unknown_fields(body, spec)
     values: dict[str, Any] = {}
     for name, (kind, default) in spec.items():
         if name not in body:
