@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from pyrovisor.confine.capabilities import set_no_new_privs
 from pyrovisor.errors import MissingToolError, SeccompError
 
 LIBRARY = "libseccomp.so.2"
@@ -143,10 +144,7 @@ def syscall_number(name: str) -> int:
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.free.argtypes = [ctypes.c_void_p]
 _libc.free.restype = None
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_libc.prctl.restype = ctypes.c_int
 _libc.syscall.restype = ctypes.c_long
-PR_SET_NO_NEW_PRIVS = 38
 SYS_SECCOMP = 317  # x86-64
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
@@ -246,8 +244,10 @@ def load_program(program: bytes, listener: bool) -> int | None:
     """
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
-    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise SeccompError("prctl(PR_SET_NO_NEW_PRIVS)", ctypes.get_errno())
+    try:
+        set_no_new_privs()
+    except OSError as exc:
+        raise SeccompError("prctl(PR_SET_NO_NEW_PRIVS)", exc.errno or 0) from None
     flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
     rc = _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog))
     if rc < 0:
