@@ -69,15 +69,16 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _libc.syscall.restype = ctypes.c_long
 
 
-def _check(result: int, what: str) -> None:
+def check_libc(result: int, what: str, path: object = None) -> None:
+    """OSError (with errno's text, and `path` when given) if a libc call through ctypes returned < 0."""
     if result < 0:
         number = ctypes.get_errno()
-        raise OSError(number, f"{what}: {os.strerror(number)}")
+        raise OSError(number, f"{what}: {os.strerror(number)}", None if path is None else str(path))
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, what: str = "prctl") -> int:
     result: int = _libc.prctl(option, arg2, arg3, 0, 0)
-    _check(result, what)
+    check_libc(result, what)
     return result
 
 
@@ -126,7 +127,7 @@ def clear_capabilities() -> None:
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, what="PR_CAP_AMBIENT_CLEAR_ALL")
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    _check(_libc.syscall(_SYS_CAPSET, ctypes.byref(header), ctypes.byref(data)), "capset")
+    check_libc(_libc.syscall(_SYS_CAPSET, ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
 def set_no_new_privs() -> None:

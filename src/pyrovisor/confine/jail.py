@@ -17,6 +17,7 @@ from types import FrameType
 
 from pyrovisor.confine.capabilities import (
     become,
+    check_libc,
     die_with_parent,
     last_capability,
     missing_capabilities,
@@ -93,23 +94,17 @@ _libc.unshare.argtypes = [ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
 
 
-def _call(result: int, what: str, path: object = None) -> None:
-    if result < 0:
-        number = ctypes.get_errno()
-        raise OSError(number, f"{what}: {os.strerror(number)}", None if path is None else str(path))
-
-
 def mount(source: str | None, target: Path | str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    _call(_libc.mount(source.encode() if source else None, os.fsencode(target), fstype.encode() if fstype else None,
+    check_libc(_libc.mount(source.encode() if source else None, os.fsencode(target), fstype.encode() if fstype else None,
                       flags, data.encode() if data else None), "mount", target)
 
 
 def unshare(flags: int) -> None:
-    _call(_libc.unshare(flags), "unshare")
+    check_libc(_libc.unshare(flags), "unshare")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _call(_libc.syscall(_SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root", new_root)
+    check_libc(_libc.syscall(_SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root", new_root)
 
 
 # --- checks made by the launcher, before anything changes -------------------------------------------------
@@ -352,7 +347,7 @@ def _confine(config: JailConfig, layout: _Layout, cgroup: Cgroup, last_cap: int)
             cwd.mkdir(parents=True, mode=0o755)
     os.chdir(root)
     pivot_root(".", ".")  # pivot_root(2): the old root ends up on top of the new one ...
-    _call(_libc.umount2(b".", MNT_DETACH), "umount2 of the old root")  # ... and goes
+    check_libc(_libc.umount2(b".", MNT_DETACH), "umount2 of the old root")  # ... and goes
     os.chdir("/")
     mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID)
     with contextlib.suppress(OSError):
