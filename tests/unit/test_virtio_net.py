@@ -252,6 +252,30 @@ def test_frames_cross_both_ways_byte_exact(namespace: str, memory: GuestMemory, 
         assert card.interrupts >= 2 and not card.broken
 
 
+def test_a_burst_reaches_the_driver_in_published_batches(namespace: str, memory: GuestMemory,
+                                                          loop: EventLoop) -> None:
+    """Frames waiting in the tap are read in batches of RX_BATCH, each published (here: one interrupt each) as
+    soon as it is in, so that the driver can work on the first batch while the next is read."""
+    with nic(namespace, memory, loop) as card, host_socket(namespace, card.tap) as host:
+        card.activate()
+        count = net_module.RX_BATCH + 4
+        heads = card.post_rx(count)
+        before = card.interrupts
+        waiting = [frame(struct.pack("!I", number) + bytes(60)) for number in range(count)]
+        loop.pause(5)  # the whole burst is in the tap before the device reads any of it
+        try:
+            for data in waiting:
+                host.send(data)
+            time.sleep(0.2)
+        finally:
+            loop.resume()
+        entries = card.received(count)
+        assert [head for head, _ in entries] == heads
+        got = [memory.read(RX_BUFFERS + head * BUFFER + 12, written - 12) for head, written in entries]
+        assert got == waiting
+        assert card.interrupts - before == 2, "one publication per batch: RX_BATCH frames, then the other 4"
+
+
 def test_receiving_without_buffers_waits_without_spinning(namespace: str, memory: GuestMemory,
                                                           loop: EventLoop) -> None:
     """With no receive buffer posted the device stops watching the tap; the frames wait in the tap's queue

@@ -245,6 +245,43 @@ def test_direct_batches_are_what_popping_gives_up_to_the_first_other_chain(
     """take_direct() returns exactly the chains pop() gives while they are one direct descriptor in RAM, and
     leaves the first chain of any other form (or a bad one) for pop()/take() to serve or refuse."""
     driver, device = queue_pair(memory)
+    check_direct_batches(memory, driver, device, table, ring, avail_index, limit)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(first=st.lists(FAST_PATH_DESCRIPTORS, min_size=SIZE, max_size=SIZE),
+       second=st.lists(FAST_PATH_DESCRIPTORS, min_size=SIZE, max_size=SIZE),
+       ring=st.lists(st.integers(0, SIZE + 1), min_size=SIZE, max_size=SIZE),
+       avail_index=st.integers(0, SIZE), limit=st.integers(1, SIZE + 2))
+def test_direct_batches_follow_descriptors_the_driver_rewrites(
+        memory: GuestMemory, first: list[tuple[int, int, int, int]], second: list[tuple[int, int, int, int]],
+        ring: list[int], avail_index: int, limit: int) -> None:
+    """take_direct() keeps what it made for each head while the descriptor stays the same: a driver that
+    rewrites its descriptors (another buffer, another length, a flag, a buffer outside RAM) gets exactly what
+    pop() gives for the new ones, never a kept item."""
+    driver, device = queue_pair(memory)
+    write_rings(memory, driver, first, [], list(range(SIZE)), SIZE)
+    while device.take_direct(SIZE):
+        pass
+    device.next_avail = 0
+    check_direct_batches(memory, driver, device, second, ring, avail_index, limit)
+
+
+def test_released_queue_keeps_no_view_of_guest_memory() -> None:
+    """The items take_direct() keeps hold views of guest memory: release() drops them, so the memory can be
+    unmapped after it even though the queue object lives on."""
+    memory = GuestMemory([MemoryRegion.anonymous(0, RAM, huge_pages=False)])
+    driver, device = queue_pair(memory)
+    driver.add_chain([(0x80000, 1500)], [])
+    assert len(device.take_direct(4)) == 1
+    device.release()
+    memory.close()  # raises BufferError while any view of the mapping lives
+    assert device.save().next_avail == 1
+
+
+def check_direct_batches(memory: GuestMemory, driver: DriverQueue, device: SplitQueue,
+                         table: list[tuple[int, int, int, int]], ring: list[int], avail_index: int,
+                         limit: int) -> None:
     write_rings(memory, driver, table, [], ring, avail_index)
     direct: list[tuple[int, int, int, int]] = []
 
@@ -280,11 +317,14 @@ def test_direct_batches_are_what_popping_gives_up_to_the_first_other_chain(
                                                                    0x60000, 0x7FFFF, 0x80000])),
        length=st.one_of(st.integers(0, 0x30000), st.sampled_from([0, 1, 0x10000, 0x20000])),
        flags=st.sampled_from([0, DESC_F_WRITE]))
-def test_buffers_are_checked_against_ram_with_holes_and_nothing_at_zero(address: int, length: int, flags: int) -> None:
-    """RAM at [0x10000, 0x40000) and [0x60000, 0x80000): every way of taking a one-buffer chain accepts it
-    exactly when it lies in one region (or is empty), as GuestMemory.contains says."""
-    memory = GuestMemory([MemoryRegion.anonymous(0x10000, 0x30000, huge_pages=False),
-                          MemoryRegion.anonymous(0x60000, 0x20000, huge_pages=False)])
+@pytest.mark.parametrize("regions", [((0x10000, 0x30000), (0x60000, 0x20000)), ((0x10000, 0x30000),)],
+                         ids=["two regions", "one region"])
+def test_buffers_are_checked_against_ram_with_holes_and_nothing_at_zero(
+        regions: tuple[tuple[int, int], ...], address: int, length: int, flags: int) -> None:
+    """RAM at [0x10000, 0x40000) and [0x60000, 0x80000), or only the first (take_direct has a way of its own
+    for one region): every way of taking a one-buffer chain accepts it exactly when it lies in one region (or
+    is empty), as GuestMemory.contains says."""
+    memory = GuestMemory([MemoryRegion.anonymous(start, size, huge_pages=False) for start, size in regions])
     try:
         driver = DriverQueue(memory, 0x20000, 4)
         state = QueueState(size=4, ready=True, desc=driver.desc, avail=driver.avail, used=driver.used)

@@ -246,6 +246,12 @@ class GuestMemory:
     def tracking(self) -> bool:
         return self._write_log.active
 
+    @property
+    def write_log(self) -> HostWriteLog:
+        """The log `mark_written` records into, for device loops that checked their ranges already (against
+        `bounds`): `if log.active: log.record(gpa, size)` per request, instead of a call that checks again."""
+        return self._write_log
+
     def take_tracked_pages(self) -> PageSet:
         """The guest page frame numbers written since the last call (tracking must be on)."""
         if not self._write_log.active:

@@ -130,6 +130,10 @@ class SplitQueue:
         self._used16: memoryview | None = None
         self._used32: memoryview | None = None
         self._published = False  # the used ring changed since it was last reported to dirty tracking
+        # take_direct()'s items by head, each with the descriptor it was made from: drivers keep reusing the same
+        # descriptor for the same buffer, and an unchanged descriptor needs no new checks and no new view.
+        self._direct: list[tuple[tuple[int, int, int, int], tuple[int, int, memoryview, int]] | None] = []
+        self._write_log = memory.write_log
         self.load(state or QueueState())
 
     # --- configuration --------------------------------------------------------------------------------
@@ -156,6 +160,7 @@ class SplitQueue:
             if view is not None:
                 view.release()
         self._table = self._avail16 = self._used16 = self._used32 = None
+        self._direct = []  # its views of guest memory go too
 
     def activate(self) -> None:
         """Check the driver's configuration before the queue is used (QueueReady, or after a restore)."""
@@ -180,6 +185,7 @@ class SplitQueue:
         self._used32 = used.cast("I")
         self._used16 = self.memory.view(self.used, 6 + USED_ELEMENT.size * size).cast("H")
         used.release()
+        self._direct = [None] * size
 
     # --- the available ring ----------------------------------------------------------------------------
     def pending(self) -> int:
@@ -304,10 +310,22 @@ class SplitQueue:
             self.memory.mark_written(self.used, 6 + USED_ELEMENT.size * self.size + 2)
 
     def needs_interrupt(self) -> bool:
-        """Whether the driver wants an interrupt for what was published since the last one."""
+        """Whether the driver wants an interrupt for what was published since the last one (once per batch: the
+        common case, EVENT_IDX with the rings mapped, is `report_writes`, `memory_fence` and `need_event` inlined)."""
+        rings = self._avail16
+        if rings is not None and self.event_idx:
+            if self._published:
+                self._published = False
+                if self._write_log.active:  # the ring's range was checked by activate()
+                    self._write_log.record(self.used, 6 + USED_ELEMENT.size * self.size + 2)
+            with _FENCE:  # the used index written above must be visible before the driver's flag is read
+                pass
+            new = self.next_used
+            wanted = (new - rings[2 + self.size] - 1) & 0xFFFF < (new - self.signalled_used) & 0xFFFF
+            self.signalled_used = new
+            return wanted
         self.report_writes()
         memory_fence()  # the used index written above must be visible before the driver's flag is read
-        rings = self._avail16
         if self.event_idx:
             used_event = rings[2 + self.size] if rings is not None else self.memory.read_u16(self.avail + 4 + 2 * self.size)
             wanted = need_event(used_event, self.next_used, self.signalled_used)
@@ -319,8 +337,16 @@ class SplitQueue:
 
     def want_notifications(self) -> None:
         """With EVENT_IDX, ask the driver to notify again as soon as it adds beyond what was taken."""
-        if self.event_idx:
-            self.memory.write_u16(self.used + 4 + USED_ELEMENT.size * self.size, self.next_avail)  # tracked
+        if not self.event_idx:
+            return
+        used16, size = self._used16, self.size
+        address = self.used + 4 + USED_ELEMENT.size * size  # avail_event, right after the used ring
+        if used16 is not None:  # the view covers it (activate() checked the ring with avail_event in RAM)
+            used16[2 + 4 * size] = self.next_avail
+            if self._write_log.active:
+                self._write_log.record(address, 2)
+        else:
+            self.memory.write_u16(address, self.next_avail)  # tracked
 
     def take(self, limit: int) -> list[DescriptorChain]:
         """Pop up to `limit` available chains at once (the hot devices' batch). Only an empty list means the
@@ -330,23 +356,27 @@ class SplitQueue:
         spares a polling driver that queues while the device works the notification (an exit) for it."""
         chains: list[DescriptorChain] = []
         while True:
-            for _ in range(min(self.pending(), limit)):
-                chain = self.pop()
-                if chain is None:
-                    break
-                chains.append(chain)
-            if chains:
-                return chains
+            available = self.pending()
+            if available:
+                for _ in range(min(available, limit)):
+                    chain = self.pop()
+                    if chain is None:
+                        break
+                    chains.append(chain)
+                if chains:
+                    return chains
             self.want_notifications()
-            memory_fence()
+            with _FENCE:  # memory_fence(): avail_event must be visible before the index is read again
+                pass
             if not self.pending():
                 return chains
 
     def take_direct(self, limit: int) -> list[tuple[int, int, memoryview, int]]:
         """The hot path of devices whose requests are one buffer (a frame, a datagram): `(head, address, buffer,
         flags)` of up to `limit` available chains that are one direct descriptor, `buffer` a memoryview of the
-        guest memory at `address` (checked to lie in RAM; writes through it are the device's to `mark_written`,
-        and it must not be kept beyond the request). It stops, without popping it, before a chain of any other
+        guest memory at `address` (checked to lie in RAM; writes through it are the device's to `mark_written`).
+        The queue keeps each item for its head until the descriptor changes or the queue is released, so a
+        device must not keep one beyond the request: the mapping cannot go while views of it live. It stops, without popping it, before a chain of any other
         form (`take()` serves that one, and refuses it if it breaks a rule). A list shorter than `limit` means
         the ring holds nothing more now or such a chain is next: `take()` tells which, and asks for
         notifications if empty."""
@@ -356,13 +386,20 @@ class SplitQueue:
         if rings is None or table is None:
             return items
         size = self.size
-        mask, starts, ends, views = size - 1, self._starts, self._ends, self._views
+        mask, starts, ends, views, unpack = size - 1, self._starts, self._ends, self._views, _unpack_descriptor
         position = self.next_avail
+        known = self._direct
         for _ in range(min(self.pending(), limit)):
             head = rings[2 + (position & mask)]
             if head >= size:
                 break
-            address, length, flags, _ = _unpack_descriptor(table, head << 4)
+            descriptor = unpack(table, head << 4)
+            entry = known[head]
+            if entry is not None and entry[0] == descriptor:  # the same buffer as last time: checked already
+                append(entry[1])
+                position += 1
+                continue
+            address, length, flags, _ = descriptor
             if flags & _NOT_ALONE:
                 break
             region = bisect_right(starts, address) - 1
@@ -370,7 +407,9 @@ class SplitQueue:
             if length and end > ends[region]:
                 break
             start = starts[region]
-            append((head, address, views[region][address - start:end - start] if length else _NOTHING, flags))
+            item = (head, address, views[region][address - start:end - start] if length else _NOTHING, flags)
+            known[head] = (descriptor, item)
+            append(item)
             position += 1
         self.next_avail = position & 0xFFFF
         return items
