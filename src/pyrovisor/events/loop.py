@@ -104,8 +104,6 @@ class EventLoop:
 
     def _apply_changes(self, calls: bool = True) -> None:
         """Apply queued source changes in order; with `calls`, also run queued functions (not while parked)."""
-        if not self._changes:  # read without the lock: a change queued after this look also signals the wake fd
-            return
         with self._lock:
             pending, self._changes = self._changes, []
             if not calls:
@@ -171,8 +169,6 @@ class EventLoop:
                     log.exception("%s: error handler of %s failed", self.name, source.name)
 
     def _wait_while_paused(self) -> None:
-        if not self._pause_requests:  # read without the lock: a request made after this look signals the wake fd
-            return
         with self._cond:
             if not self._pause_requests:
                 return
