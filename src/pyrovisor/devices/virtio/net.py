@@ -408,8 +408,9 @@ class VirtioNet(VirtioDevice):
                 continue
             # An unusual buffer is next, or the ring is empty (with notifications asked for).
             chains = queue.take(1)
-            if not chains:
-                break  # every buffer posted is used and the tap may hold more
+            if not chains:  # every buffer posted is used and the tap may hold more
+                self._stall()
+                return
             result = self._read_frame(memory, chains[0])
             if result is None:  # nothing to read: the buffer stays the driver's
                 queue.give_back(1)
@@ -420,11 +421,11 @@ class VirtioNet(VirtioDevice):
             else:
                 queue.add_used(chains[0].head, HEADER_SIZE + result)
                 self.publish(queue)
-        else:
-            return
+
+    def _stall(self) -> None:
+        """Out of buffers with the tap perhaps still holding frames: stop watching until the driver posts more.
+        take() asked for that notification and looked once more, so none is missed."""
         if self.fd >= 0 and self._watching:
-            # Out of buffers with the tap perhaps still holding frames: stop watching until the driver posts
-            # more. take() asked for that notification and looked once more, so none is missed.
             self.stats.rx_stalls += 1
             self._watch(False)
 

@@ -133,7 +133,6 @@ class SplitQueue:
         # take_direct()'s items by head, each with the descriptor it was made from: drivers keep reusing the same
         # descriptor for the same buffer, and an unchanged descriptor needs no new checks and no new view.
         self._direct: list[tuple[tuple[int, int, int, int], tuple[int, int, memoryview, int]] | None] = []
-        self._write_log = memory.write_log
         self.load(state or QueueState())
 
     # --- configuration --------------------------------------------------------------------------------
@@ -310,22 +309,10 @@ class SplitQueue:
             self.memory.mark_written(self.used, 6 + USED_ELEMENT.size * self.size + 2)
 
     def needs_interrupt(self) -> bool:
-        """Whether the driver wants an interrupt for what was published since the last one (once per batch: the
-        common case, EVENT_IDX with the rings mapped, is `report_writes`, `memory_fence` and `need_event` inlined)."""
-        rings = self._avail16
-        if rings is not None and self.event_idx:
-            if self._published:
-                self._published = False
-                if self._write_log.active:  # the ring's range was checked by activate()
-                    self._write_log.record(self.used, 6 + USED_ELEMENT.size * self.size + 2)
-            with _FENCE:  # the used index written above must be visible before the driver's flag is read
-                pass
-            new = self.next_used
-            wanted = (new - rings[2 + self.size] - 1) & 0xFFFF < (new - self.signalled_used) & 0xFFFF
-            self.signalled_used = new
-            return wanted
+        """Whether the driver wants an interrupt for what was published since the last one."""
         self.report_writes()
         memory_fence()  # the used index written above must be visible before the driver's flag is read
+        rings = self._avail16
         if self.event_idx:
             used_event = rings[2 + self.size] if rings is not None else self.memory.read_u16(self.avail + 4 + 2 * self.size)
             wanted = need_event(used_event, self.next_used, self.signalled_used)
@@ -343,8 +330,7 @@ class SplitQueue:
         address = self.used + 4 + USED_ELEMENT.size * size  # avail_event, right after the used ring
         if used16 is not None:  # the view covers it (activate() checked the ring with avail_event in RAM)
             used16[2 + 4 * size] = self.next_avail
-            if self._write_log.active:
-                self._write_log.record(address, 2)
+            self.memory.mark_written(address, 2)
         else:
             self.memory.write_u16(address, self.next_avail)  # tracked
 
@@ -356,18 +342,15 @@ class SplitQueue:
         spares a polling driver that queues while the device works the notification (an exit) for it."""
         chains: list[DescriptorChain] = []
         while True:
-            available = self.pending()
-            if available:
-                for _ in range(min(available, limit)):
-                    chain = self.pop()
-                    if chain is None:
-                        break
-                    chains.append(chain)
-                if chains:
-                    return chains
+            for _ in range(min(self.pending(), limit)):
+                chain = self.pop()
+                if chain is None:
+                    break
+                chains.append(chain)
+            if chains:
+                return chains
             self.want_notifications()
-            with _FENCE:  # memory_fence(): avail_event must be visible before the index is read again
-                pass
+            memory_fence()
             if not self.pending():
                 return chains
 
@@ -376,10 +359,10 @@ class SplitQueue:
         flags)` of up to `limit` available chains that are one direct descriptor, `buffer` a memoryview of the
         guest memory at `address` (checked to lie in RAM; writes through it are the device's to `mark_written`).
         The queue keeps each item for its head until the descriptor changes or the queue is released, so a
-        device must not keep one beyond the request: the mapping cannot go while views of it live. It stops, without popping it, before a chain of any other
-        form (`take()` serves that one, and refuses it if it breaks a rule). A list shorter than `limit` means
-        the ring holds nothing more now or such a chain is next: `take()` tells which, and asks for
-        notifications if empty."""
+        device must not keep one beyond the request: the mapping cannot go while views of it live. It stops,
+        without popping it, before a chain of any other form (`take()` serves that one, and refuses it if it
+        breaks a rule). A list shorter than `limit` means the ring holds nothing more now or such a chain is
+        next: `take()` tells which, and asks for notifications if empty."""
         items: list[tuple[int, int, memoryview, int]] = []
         append = items.append
         rings, table = self._avail16, self._table
